@@ -1,0 +1,89 @@
+"""The `albef` command: a thin Fire front end over plain stage functions.
+
+Each command only parses its arguments and calls one function of the stage module that owns the
+work, imported lazily so `albef --help` stays fast and a stage's heavy imports (DeepSpeed,
+img2dataset) load only when that stage runs.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import fire
+
+
+class Finetune:
+    """Fine-tuning stages."""
+
+    def retrieval(self, config: str, checkpoint: str, output_dir: str, resume: str = "auto", **overrides: Any) -> int:
+        """Fine-tune for image-text retrieval from a pretraining (ours or official) checkpoint."""
+        from pipeline.stages.finetune_retrieval import finetune_retrieval
+
+        return finetune_retrieval(config=config, checkpoint=checkpoint, output_dir=output_dir, resume=resume, overrides=overrides)
+
+
+class Evaluate:
+    """Evaluation stages."""
+
+    def retrieval(self, checkpoint: str, data: str, output_dir: str, k_test: int | None = None, **overrides: Any) -> dict:
+        """Image-text retrieval recall@K with batched ITM re-ranking."""
+        from pipeline.stages.evaluate_retrieval import evaluate_retrieval
+
+        return evaluate_retrieval(checkpoint=checkpoint, data=data, output_dir=output_dir, k_test=k_test, overrides=overrides)
+
+
+class Slurm:
+    """Submit the pipeline's stages to a SLURM cluster."""
+
+    def submit(self, stages: str = "prep,pretrain,finetune,eval", config: str | None = None, dry_run: bool = False, **overrides: Any) -> list:
+        from pipeline.slurm_submit import submit
+
+        stage_list = stages.split(",") if isinstance(stages, str) else list(stages)
+        return submit(stages=stage_list, config=config, dry_run=dry_run, overrides=overrides)
+
+
+class CLI:
+    """albef: ALBEF pretraining pipeline (prep -> pretrain -> finetune -> evaluate)."""
+
+    def __init__(self) -> None:
+        self.finetune = Finetune()
+        self.evaluate = Evaluate()
+        self.slurm = Slurm()
+
+    def prep(self, source: str, input: str | None = None, output: str | None = None, **options: Any) -> int:
+        """Ingest a native dataset list with img2dataset into WebDataset shards + manifest.json."""
+        from data_prep.prep import run_prep
+
+        return run_prep(source=source, input=input, output=output, **options)
+
+    def pretrain(self, config: str, output_dir: str, resume: str = "auto", **overrides: Any) -> int:
+        """Pretrain ALBEF (ITC + ITM + MLM) with DeepSpeed; any config field via --a.b=value."""
+        from pipeline.stages.pretrain import pretrain
+
+        return pretrain(config=config, output_dir=output_dir, resume=resume, overrides=overrides)
+
+    def export(self, checkpoint: str, output: str, layout: str = "ours") -> str:
+        """Write one consolidated {'model': state_dict} file (our layout or the official one)."""
+        from pipeline.export import export
+
+        return export(checkpoint=checkpoint, output=output, layout=layout)
+
+    def demo(self, workdir: str = "albef_demo", steps: int | None = None, finetune_steps: int | None = None) -> int:
+        """The whole pipeline on a laptop CPU: synthetic data -> img2dataset -> pretrain -> finetune -> eval."""
+        from pipeline.demo import run_demo
+
+        return run_demo(workdir=workdir, steps=steps, finetune_steps=finetune_steps)
+
+
+def _exit_code(result: Any) -> int:
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def main() -> None:
+    # Fire would print the returned value; stages return exit codes (ints) or small results.
+    result = fire.Fire(CLI, name="albef", serialize=lambda r: None)
+    sys.exit(_exit_code(result))
+
+
+if __name__ == "__main__":
+    main()
