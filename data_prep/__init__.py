@@ -1,0 +1,5 @@
+"""data_prep: native dataset lists -> img2dataset WebDataset shards + manifest.json (offline, model-free).
+
+Entry point: `data_prep.prep.run_prep` (called by `albef prep`). Knows nothing of the model or the
+training pipeline; the pipeline reads what this package writes (see the shard/manifest contract).
+"""

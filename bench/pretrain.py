@@ -1,0 +1,224 @@
+"""Pretraining step benchmark: images/s, peak memory and (given a peak FLOP/s) an MFU estimate.
+
+The real Trainer step (DeepSpeed engine, EMA, forward, backward, enqueue, optimizer step) on
+synthetic batches by default (`--data synthetic`: the loader is out of the measurement), or on
+real shards (`--data DIR`, an `albef prep` output folder). One process, or N ranks spawned on
+this machine with `--nproc N` (gloo on the CPU, as the tests).
+
+    python bench/pretrain.py --config pretrain_tiny_cpu --nproc 1
+    python bench/pretrain.py --config pretrain_4m --batch_size 2 --image_res 256 --steps 3 --ds ds_configs/cpu.json
+    python bench/pretrain.py --config pretrain_4m --ds ds_configs/zero2_fp16.json --peak_tflops 989   # H100/H200 bf16 dense
+
+Prints one JSON line per run: {"config", "nproc", "batch_per_rank", "images_per_s", "step_s",
+"peak_mem_gib" (per rank: CUDA max allocated on GPUs, max RSS on the CPU), "loss_scale", "mfu"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def flops_per_image(mcfg, text_len: int) -> float:
+    """Training FLOPs per image-text pair, counting matmuls only (2 FLOPs per MAC).
+
+    Trainable passes cost 3x their forward (forward + backward), momentum passes 1x:
+      ViT on the image: trainable + momentum;
+      text layers on the caption: trainable + momentum (ITC), + trainable + momentum again on the
+      masked caption (MLM runs all 12 layers);
+      fusion layers (self + cross attention + FFN): 3 pairs for ITM (trainable) and the MLM pass
+      (trainable + momentum).
+    Attention score matmuls are ignored (short sequences); good to ~10%.
+    """
+    v, t = mcfg.vision, mcfg.text
+    img_tokens = v.grid_size**2 + 1
+    vit = 2 * img_tokens * v.depth * (4 * v.width**2 + 2 * v.width * int(v.width * v.mlp_ratio))
+    h, ff = t.hidden_size, t.intermediate_size
+    layer_text = 2 * text_len * (4 * h * h + 2 * h * ff)
+    layer_cross = 2 * (text_len * 2 * h * h + img_tokens * 2 * h * v.width)  # q,o on text; k,v on image tokens
+    n_text, n_fus = t.fusion_layer, t.num_layers - t.fusion_layer
+    text = n_text * layer_text
+    fusion = n_fus * (layer_text + layer_cross)
+    trainable = vit + 2 * text + 3 * fusion + fusion
+    momentum = vit + 2 * text + fusion
+    return 3 * trainable + momentum
+
+
+class SyntheticBatches:
+    """Endless random batches in the loader's format (images already normalised-ish)."""
+
+    def __init__(self, batch_size: int, image_res: int, text_len: int, seed: int) -> None:
+        import torch
+
+        self.g = torch.Generator().manual_seed(seed)
+        self.b, self.r, self.l = batch_size, image_res, text_len
+
+    def __iter__(self):
+        import torch
+
+        while True:
+            ids = torch.randint(1000, 30000, (self.b, self.l), generator=self.g)
+            ids[:, 0], ids[:, -1] = 101, 102
+            yield {
+                "image": torch.randn(self.b, 3, self.r, self.r, generator=self.g),
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "bad_samples": {},
+            }
+
+
+def build(args: argparse.Namespace) -> tuple:
+    """The real PretrainTask + Trainer (engine set up) and the batch iterator for this rank."""
+    from pipeline.config import PretrainConfig, load_config
+    from pipeline.distributed import dist_info_from_env, init_distributed
+    from pipeline.ds_config import build_ds_config, resolve_device
+    from pipeline.launch import setup_logging
+    from pipeline.stages.pretrain import PretrainTask
+    from pipeline.trainer import Trainer
+
+    data = args.data if args.data != "synthetic" else "/unused"
+    overrides = {"data.train": f"[{data}]", "model.image_res": args.image_res, "train.batch_size": args.batch_size}
+    if args.ds:
+        overrides["deepspeed.config"] = args.ds
+    if args.queue_size:
+        overrides["model.queue_size"] = args.queue_size
+    cfg = load_config(PretrainConfig, args.config, overrides)
+    info = dist_info_from_env()
+    setup_logging(info.rank)
+    device = resolve_device(cfg.train.device)
+    ds = build_ds_config(
+        cfg.deepspeed.config, train=cfg.train, optim=cfg.optim, world_size=info.world_size, device=device
+    )
+    init_distributed(info, device)
+    task = PretrainTask(cfg, info)
+    if args.data == "synthetic":
+        task.samples_per_epoch = lambda: 10**6  # type: ignore[method-assign]
+        batches = iter(SyntheticBatches(cfg.train.batch_size, cfg.model.image_res, args.text_len, seed=info.rank))
+    else:
+        batches = iter(
+            task.train_batches(start_micro_step=0, segment_steps=1000, rank=info.rank, world_size=info.world_size)
+        )
+    trainer = Trainer(
+        task,
+        train=cfg.train,
+        optim=cfg.optim,
+        logging_cfg=cfg.logging,
+        ds_config=ds,
+        dist_info=info,
+        device=device,
+        run_dir=Path("/tmp/albef_bench"),
+    )
+    trainer.setup()
+    return cfg, info, device, task, trainer, batches
+
+
+def run_rank(args: argparse.Namespace) -> dict:
+    """One rank: time `args.steps` optimizer steps after `args.warmup`, report throughput and memory."""
+    import torch
+
+    from pipeline.stages.pretrain import build_model_config
+
+    cfg, info, device, task, trainer, batches = build(args)
+    last: dict[str, float] = {}
+    forward = task.forward
+
+    def recording_forward(engine, batch, ctx):  # keep the last loss for the report (a NaN shows here)
+        out = forward(engine, batch, ctx)
+        last["loss"] = float(out.loss.detach())
+        return out
+
+    task.forward = recording_forward  # type: ignore[method-assign]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            sync()
+            t0 = time.perf_counter()
+        trainer.train_step(batches)
+        trainer.state.step += 1
+    sync()
+    elapsed = time.perf_counter() - t0
+    images = args.steps * cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    result = {
+        "config": args.config, "preset": cfg.model.preset, "image_res": cfg.model.image_res, "device": device,
+        "precision": trainer.precision, "nproc": info.world_size,
+        "batch_per_rank": cfg.train.batch_size * cfg.train.grad_accum_steps, "steps": args.steps,
+        "step_s": elapsed / args.steps, "images_per_s": images / elapsed,
+        "images_per_s_per_rank": images / elapsed / info.world_size, "peak_mem_gib": round(peak, 3),
+        "loss_scale": trainer.loss_scale(), "skipped_steps": int(trainer.engine.skipped_steps), "loss": last.get("loss"),
+    }  # fmt: skip
+    if args.peak_tflops:
+        achieved = flops_per_image(build_model_config(cfg), args.text_len) * images / elapsed
+        result["mfu"] = achieved / (args.peak_tflops * 1e12 * info.world_size)
+    return result
+
+
+def spawn(args: argparse.Namespace) -> list[dict]:
+    """Run `--nproc` ranks of this script (torchrun-style env) and collect their JSON lines."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, __file__, *[a for a in sys.argv[1:]], "--_rank_child"]
+    procs = []
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    for rank in range(args.nproc):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(args.nproc),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(args.nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS=str(threads),
+        )
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True))
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"a rank failed: exit codes {[p.returncode for p in procs]}")
+    return [json.loads(next(line for line in out.splitlines() if line.startswith("{"))) for out in outs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="pretrain_tiny_cpu")
+    parser.add_argument("--ds", default=None, help="DeepSpeed JSON (default: the config's)")
+    parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--image_res", type=int, default=64)
+    parser.add_argument("--queue_size", type=int, default=None)
+    parser.add_argument("--text_len", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or an `albef prep` output folder")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: cores / nproc)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak, for the MFU estimate")
+    parser.add_argument("--_rank_child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._rank_child or ("RANK" in os.environ and args.nproc == 1):
+        print(json.dumps(run_rank(args)), flush=True)
+        return
+    results = spawn(args)
+    summary = dict(results[0])
+    summary["peak_mem_gib"] = max(r["peak_mem_gib"] for r in results)  # worst rank
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""One reader per source: native list file(s) -> `SourceRows` (rows grouped per image).
+
+Each reader takes the `--input` path and the validated `PrepOptions` and applies the shared
+rules of `data_prep.records.RowCollector`. `READERS` maps the `albef prep SOURCE` name to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from data_prep.options import PrepOptions
+from data_prep.records import SourceRows
+from data_prep.sources import cc3m, cc12m, coco, flickr30k, generic, sbu, vg
+
+Reader = Callable[[Path, PrepOptions], SourceRows]
+
+READERS: dict[str, Reader] = {
+    "cc3m": cc3m.read,
+    "cc12m": cc12m.read,
+    "sbu": sbu.read,
+    "coco": coco.read,
+    "vg": vg.read,
+    "flickr30k": flickr30k.read,
+    "generic": generic.read,
+}

@@ -1,0 +1,20 @@
+"""Flickr30k through the Karpathy split file `dataset_flickr30k.json` plus a local image folder.
+
+Flickr30k images are distributed as an archive, not URLs: `--image_root` is the folder of
+`<filename>` JPEGs (file:// URLs) or an http(s) base URL serving the same names. Image ids are
+the file names' stems (the Flickr photo ids).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_prep.options import PrepOptions
+from data_prep.records import SourceRows
+from data_prep.sources._karpathy import image_url_maker, read_karpathy
+
+
+def read(path: Path, opts: PrepOptions) -> SourceRows:
+    assert opts.split is not None  # parse_options requires it (and --image_root) for flickr30k
+    make_url = image_url_maker(opts.image_root, None)
+    return read_karpathy(path, (opts.split,), make_url, id_key=None)

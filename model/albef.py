@@ -1,0 +1,350 @@
+"""ALBEF pretraining model (Li et al. 2021): ITC with momentum queues, ITM with hard negatives, MLM with
+momentum distillation.
+
+Contract with the trainer (see DESIGN.md section 3-4):
+  - `forward` computes the three losses and does NOT mutate state (no EMA, no queue write, no in-place
+    temp clamp), so it is safe on accumulation micro-steps and in eval;
+  - `momentum_update()` once per optimizer step, BEFORE the forward (the official order);
+  - `enqueue(all_gather_no_grad(out.image_feat_m), all_gather_no_grad(out.text_feat_m))` after every forward.
+Precision: momentum twins and queues are fp32 (see model/momentum.py); features, similarities, softmaxes,
+losses and sampling are fp32 whatever dtype the trained weights are cast to.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ALBEFConfig
+from model.losses import itc_loss, itm_loss, mlm_loss, sample_hard_negatives
+from model.momentum import copy_into_, ema_pairs, ema_update_, make_momentum_twin
+from model.text import TextEncoder, build_text_encoder
+from model.vision import VisionEncoder, build_vision_encoder
+
+__all__ = ["ALBEF", "PretrainOutput", "build_albef"]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TEMP_MIN, TEMP_MAX = 0.001, 0.5
+# (trained module, momentum twin): the four modules the official code keeps EMA copies of
+MOMENTUM_PAIRS = (
+    ("visual_encoder", "visual_encoder_m"),
+    ("vision_proj", "vision_proj_m"),
+    ("text_encoder", "text_encoder_m"),
+    ("text_proj", "text_proj_m"),
+)
+QUEUES = ("image_queue", "text_queue")
+
+
+@dataclass
+class PretrainOutput:
+    """One pretraining forward. Loss terms end in `_loss` (fp32 scalars); total = their sum (`.loss`)."""
+
+    itc_loss: torch.Tensor
+    itm_loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    image_feat_m: torch.Tensor  # [B, embed_dim] fp32 momentum features, to all-gather and enqueue
+    text_feat_m: torch.Tensor  # [B, embed_dim]
+    itc_acc: torch.Tensor  # scalar, positives' top-1 among [batch | queue], mean of both directions
+    itm_acc: torch.Tensor  # scalar, over the 3B ITM pairs
+    temp: torch.Tensor  # scalar, the clamped temperature used
+    neg_image_idx: torch.Tensor  # [B] negative image drawn for text b
+    neg_text_idx: torch.Tensor  # [B] negative text drawn for image b
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.itc_loss + self.itm_loss + self.mlm_loss
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        return {"itc_loss": self.itc_loss, "itm_loss": self.itm_loss, "mlm_loss": self.mlm_loss}
+
+
+def _keep_fp32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Wrap a Module._apply function so fp32 tensors follow device moves but never dtype casts."""
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        if t.dtype == torch.float32 and out.is_floating_point() and out.dtype != torch.float32:
+            return t.to(device=out.device)
+        return out
+
+    return apply
+
+
+class ALBEF(nn.Module):
+    """Inputs everywhere: image [B, 3, H, W] (normalised), input_ids / attention_mask [B, L] (1 = token)."""
+
+    def __init__(self, config: ALBEFConfig, visual_encoder: VisionEncoder, text_encoder: TextEncoder) -> None:
+        super().__init__()
+        if visual_encoder.embed_dim != config.vision.width:
+            raise ValueError(f"visual encoder width {visual_encoder.embed_dim} != config.vision.width")
+        if text_encoder.config != config.text:
+            raise ValueError("text encoder was built from a different TextConfig than config.text")
+        self.config = config
+        text_width = config.text.hidden_size
+        self.visual_encoder = visual_encoder
+        self.text_encoder = text_encoder
+        self.vision_proj = nn.Linear(config.vision.width, config.embed_dim)
+        self.text_proj = nn.Linear(text_width, config.embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+        self.temp = nn.Parameter(torch.ones([]) * config.temp)
+        for name, twin_name in MOMENTUM_PAIRS:
+            setattr(self, twin_name, make_momentum_twin(getattr(self, name)))
+        self.register_buffer("image_queue", torch.empty(config.embed_dim, config.queue_size))
+        self.register_buffer("text_queue", torch.empty(config.embed_dim, config.queue_size))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.reset_queues()
+        self.train()
+
+    # -- state management (explicit trainer steps) --------------------------------------------------------
+    @torch.no_grad()
+    def reset_queues(self, seed: int | None = None) -> None:
+        """Random unit-norm queues from a rank-independent seed (DeepSpeed does not broadcast buffers)."""
+        gen = torch.Generator().manual_seed(self.config.queue_seed if seed is None else seed)
+        for name in QUEUES:
+            queue = torch.randn(self.config.embed_dim, self.config.queue_size, generator=gen, device="cpu")
+            getattr(self, name).copy_(F.normalize(queue, dim=0))
+        self.queue_ptr.zero_()
+
+    def _ema_lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        twins: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
+        for name, twin_name in MOMENTUM_PAIRS:
+            t, s = ema_pairs(getattr(self, name), getattr(self, twin_name))
+            twins += t
+            sources += s
+        return twins, sources
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """EMA theta_m <- m * theta_m + (1 - m) * theta in fp32; once per optimizer step, before the forward."""
+        ema_update_(*self._ema_lists(), self.config.momentum)
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Momentum twins <- trained weights (after loading new encoder weights into a fresh model)."""
+        copy_into_(*self._ema_lists())
+
+    @torch.no_grad()
+    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
+        """Write all-gathered momentum features [N, E] (N = batch * world, rank order) at the pointer."""
+        n = image_feat_m.shape[0]
+        if text_feat_m.shape[0] != n:
+            raise ValueError(f"image ({n}) and text ({text_feat_m.shape[0]}) feature counts differ")
+        if self.config.queue_size % n != 0:
+            raise ValueError(
+                f"queue_size={self.config.queue_size} must be a multiple of the gathered batch "
+                f"(per-rank batch * world size = {n}); change queue_size or the batch size"
+            )
+        ptr = int(self.queue_ptr)
+        if ptr + n > self.config.queue_size:  # only when the gathered batch size changed between calls
+            raise ValueError(
+                f"enqueue of {n} features at pointer {ptr} overruns queue_size={self.config.queue_size}: "
+                "keep the per-rank batch constant (drop the last partial batch)"
+            )
+        self.image_queue[:, ptr : ptr + n] = image_feat_m.t().to(self.image_queue.dtype)
+        self.text_queue[:, ptr : ptr + n] = text_feat_m.t().to(self.text_queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % self.config.queue_size
+
+    def momentum_twins(self) -> list[nn.Module]:
+        return [getattr(self, twin_name) for _, twin_name in MOMENTUM_PAIRS]
+
+    def train(self, mode: bool = True) -> ALBEF:
+        super().train(mode)
+        if not self.config.momentum_dropout:
+            for twin in self.momentum_twins():
+                twin.eval()
+        return self
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Momentum twins and queues follow device moves but stay fp32 under `.half()`/`.to(dtype)`."""
+        keep = _keep_fp32(fn)
+        if recurse:
+            twins = {twin_name for _, twin_name in MOMENTUM_PAIRS}
+            for name, child in self.named_children():
+                child._apply(keep if name in twins else fn)
+        queues = {name: self._buffers[name] for name in QUEUES}
+        super()._apply(fn, recurse=False)
+        for name, queue in queues.items():
+            self._buffers[name] = keep(queue)
+        return self
+
+    # -- encoders ---------------------------------------------------------------------------------------
+    def clamped_temp(self) -> torch.Tensor:
+        """fp32 temperature clamped functionally (an in-place clamp is undone by fp16 master weights)."""
+        return self.temp.float().clamp(TEMP_MIN, TEMP_MAX)
+
+    @staticmethod
+    def _dtype(module: nn.Module) -> torch.dtype:
+        tensors = itertools.chain(module.parameters(), module.buffers())  # twins hold buffers only
+        return next(t for t in tensors if t.is_floating_point()).dtype
+
+    def _image(self, encoder: nn.Module, proj: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = encoder(image.to(self._dtype(encoder)))
+        return embeds, F.normalize(proj(embeds[:, 0, :]).float(), dim=-1)
+
+    def _text(
+        self, encoder: TextEncoder, proj: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = encoder(input_ids, attention_mask, mode="text")
+        return embeds, F.normalize(proj(embeds[:, 0, :]).float(), dim=-1)
+
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (image_embeds [B, 1 + P, Dv] incl. CLS, image_feat [B, E] fp32 unit-norm)."""
+        return self._image(self.visual_encoder, self.vision_proj, image)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (text_embeds [B, L, D] from the text layers, text_feat [B, E] fp32 unit-norm)."""
+        return self._text(self.text_encoder, self.text_proj, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def encode_image_m(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Momentum-encoder version of `encode_image` (fp32 weights; under autocast, autocast's dtype)."""
+        return self._image(self.visual_encoder_m, self.vision_proj_m, image)
+
+    @torch.no_grad()
+    def encode_text_m(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._text(self.text_encoder_m, self.text_proj_m, input_ids, attention_mask)
+
+    def fuse(
+        self,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fusion layers on text-mode hidden states, cross-attending to image tokens -> [B, L, D]."""
+        return self.text_encoder(
+            attention_mask=attention_mask,
+            hidden=text_embeds,
+            image_embeds=image_embeds,
+            image_mask=image_mask,
+            mode="fusion",
+        )
+
+    def itm_logits(
+        self,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image-text matching logits [B, 2] (fp32; column 1 = match) of aligned pairs."""
+        fused = self.fuse(text_embeds, attention_mask, image_embeds, image_mask)
+        return self.itm_head(fused[:, 0, :]).float()
+
+    def mlm_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        *,
+        momentum: bool = False,
+    ) -> torch.Tensor:
+        """All layers + MLM head on (masked) ids, cross-attending to `image_embeds` -> [B, L, V] fp32."""
+        encoder = self.text_encoder_m if momentum else self.text_encoder
+        image_embeds = image_embeds.to(self._dtype(encoder))
+        hidden = encoder(input_ids, attention_mask, image_embeds=image_embeds, mode="full")
+        return encoder.mlm_head(hidden).float()
+
+    # -- pretraining forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mlm_input_ids: torch.Tensor,
+        mlm_labels: torch.Tensor,
+        alpha: float | torch.Tensor,
+        *,
+        neg_image_idx: torch.Tensor | None = None,
+        neg_text_idx: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> PretrainOutput:
+        """Three ALBEF losses for one batch.
+
+        Inputs:
+            image [B, 3, H, W]; input_ids, attention_mask [B, L]; mlm_input_ids [B, L] (masked copy of
+            input_ids, see model/masking.py), mlm_labels [B, L] (-100 = not masked); alpha: distillation
+            weight (the trainer ramps it). neg_image_idx / neg_text_idx [B]: replay given hard negatives
+            instead of sampling them (with `generator`, if given).
+        """
+        temp = self.clamped_temp()
+        image_embeds, image_feat = self.encode_image(image)
+        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        image_embeds_m, image_feat_m = self.encode_image_m(image)
+        _, text_feat_m = self.encode_text_m(input_ids, attention_mask)
+
+        itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue, temp, alpha)
+
+        if neg_image_idx is None or neg_text_idx is None:
+            sampled = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, generator)
+            neg_image_idx = sampled[0] if neg_image_idx is None else neg_image_idx
+            neg_text_idx = sampled[1] if neg_text_idx is None else neg_text_idx
+        itm, itm_acc = self._itm(image_embeds, text_embeds, attention_mask, neg_image_idx, neg_text_idx)
+
+        mlm = self._mlm(mlm_input_ids, attention_mask, mlm_labels, image_embeds, image_embeds_m, alpha)
+        return PretrainOutput(
+            itc_loss=itc.itc_loss,
+            itm_loss=itm,
+            mlm_loss=mlm,
+            image_feat_m=image_feat_m,
+            text_feat_m=text_feat_m,
+            itc_acc=itc.itc_acc,
+            itm_acc=itm_acc,
+            temp=temp.detach(),
+            neg_image_idx=neg_image_idx,
+            neg_text_idx=neg_text_idx,
+        )
+
+    def _itm(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        neg_image_idx: torch.Tensor,
+        neg_text_idx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fusion pass over 3B pairs: [(text b, image b)], [(text b, image neg_image_idx[b])],
+        [(text neg_text_idx[b], image b)]; labels [1]*B + [0]*2B."""
+        b = image_embeds.shape[0]
+        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text_idx]], dim=0)  # [3B, L, D]
+        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text_idx]], dim=0)
+        image_all = torch.cat([image_embeds, image_embeds[neg_image_idx], image_embeds], dim=0)  # [3B, N, Dv]
+        return itm_loss(self.itm_logits(text_all, mask_all, image_all), num_pos=b)
+
+    def _mlm(
+        self,
+        mlm_input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mlm_labels: torch.Tensor,
+        image_embeds: torch.Tensor,
+        image_embeds_m: torch.Tensor,
+        alpha: float | torch.Tensor,
+    ) -> torch.Tensor:
+        """MLM + distillation; the vocabulary projection runs on the masked tokens only (~15%)."""
+        selected = mlm_labels != IGNORE_INDEX  # [B, L]
+        hidden = self.text_encoder(mlm_input_ids, attention_mask, image_embeds=image_embeds, mode="full")
+        logits = self.text_encoder.mlm_head(hidden[selected])  # [M, V]
+        with torch.no_grad():
+            twin = self.text_encoder_m
+            hidden_m = twin(
+                mlm_input_ids, attention_mask, image_embeds=image_embeds_m.to(self._dtype(twin)), mode="full"
+            )
+            logits_m = twin.mlm_head(hidden_m[selected])
+        return mlm_loss(logits, mlm_labels[selected], logits_m, alpha)
+
+
+def build_albef(config: ALBEFConfig) -> ALBEF:
+    """Assemble the pretraining model from a config (random init; load weights with pipeline/weights.py)."""
+    model = ALBEF(config, build_vision_encoder(config.vision), build_text_encoder(config.text))
+    n_train = sum(p.numel() for p in model.parameters())
+    logger.info("built ALBEF: %.1fM trainable parameters", n_train / 1e6)
+    return model

@@ -1,0 +1,323 @@
+"""Typed, validated configuration of the ALBEF model.
+
+Every field has a default and a unit; `__post_init__` rejects bad values with an error that names the
+field, and `from_dict` rejects unknown keys, so a typo in a YAML file fails at start-up instead of being
+silently ignored. `from_official` builds the config from the dicts of an official ALBEF run
+(`albef_meta.json`-style config + HF `bert_config.json`), so parity tests build the model from the
+fixture's own files rather than from constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["VisionConfig", "TextConfig", "ALBEFConfig", "config_from_dict", "config_from_official"]
+
+
+def _check(cond: bool, cls: str, name: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ValueError(f"{cls}.{name}={value!r}: {why}")
+
+
+def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        _check(ok, type(obj).__name__, name, value, "must be a positive int")
+
+
+def _probabilities(obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+        _check(ok, type(obj).__name__, name, value, "must be a float in [0, 1)")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """ViT image encoder (timm VisionTransformer; ALBEF uses ViT-B/16 with qkv bias, LN eps 1e-6)."""
+
+    image_size: int = 256  # pixels, square input; position embeddings are resampled to it
+    patch_size: int = 16  # pixels per patch side
+    width: int = 768  # channels of every token
+    depth: int = 12  # transformer blocks
+    num_heads: int = 12  # attention heads per block
+    mlp_ratio: float = 4.0  # MLP hidden = width * mlp_ratio
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon
+    drop_path_rate: float = 0.0  # stochastic depth (ALBEF: none)
+    in_chans: int = 3  # image channels
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, ("image_size", "patch_size", "width", "depth", "num_heads", "in_chans"))
+        name = type(self).__name__
+        _check(
+            self.image_size % self.patch_size == 0,
+            name,
+            "image_size",
+            self.image_size,
+            f"must be a multiple of patch_size={self.patch_size}",
+        )
+        _check(
+            self.width % self.num_heads == 0,
+            name,
+            "width",
+            self.width,
+            f"must be divisible by num_heads={self.num_heads}",
+        )
+        _check(
+            isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0,
+            name,
+            "mlp_ratio",
+            self.mlp_ratio,
+            "must be > 0",
+        )
+        _check(
+            isinstance(self.layer_norm_eps, float) and self.layer_norm_eps > 0,
+            name,
+            "layer_norm_eps",
+            self.layer_norm_eps,
+            "must be a float > 0",
+        )
+        _probabilities(self, ("drop_path_rate",))
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Patch tokens + the class token."""
+        return self.grid_size**2 + 1
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT text encoder (layers < fusion_layer) + fusion encoder (layers >= fusion_layer) + MLM head."""
+
+    vocab_size: int = 30522  # WordPiece vocabulary (bert-base-uncased)
+    hidden_size: int = 768  # channels of every token
+    num_heads: int = 12  # attention heads (self and cross)
+    intermediate_size: int = 3072  # FFN hidden width
+    num_layers: int = 12  # text + fusion layers
+    fusion_layer: int = 6  # first layer with cross-attention to the image
+    max_position_embeddings: int = 512  # longest token sequence
+    type_vocab_size: int = 2  # token-type embeddings (always type 0 here)
+    layer_norm_eps: float = 1e-12  # BERT post-LN epsilon
+    hidden_dropout: float = 0.1  # dropout after embeddings / attention output / FFN (probability)
+    attention_dropout: float = 0.1  # dropout on attention probabilities (probability)
+    encoder_width: int = 768  # width of the image tokens the fusion layers cross-attend to
+    pad_token_id: int = 0  # [PAD] id (used only as the embedding's padding_idx)
+    hidden_act: Literal["gelu"] = "gelu"  # exact (erf) GELU, as HF BERT's "gelu"
+
+    def __post_init__(self) -> None:
+        _positive_ints(
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "num_heads",
+                "intermediate_size",
+                "num_layers",
+                "max_position_embeddings",
+                "type_vocab_size",
+                "encoder_width",
+            ),
+        )
+        name = type(self).__name__
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            name,
+            "hidden_size",
+            self.hidden_size,
+            f"must be divisible by num_heads={self.num_heads}",
+        )
+        _check(
+            isinstance(self.fusion_layer, int) and 0 < self.fusion_layer < self.num_layers,
+            name,
+            "fusion_layer",
+            self.fusion_layer,
+            f"must be in [1, num_layers={self.num_layers})",
+        )
+        _check(
+            isinstance(self.pad_token_id, int) and 0 <= self.pad_token_id < self.vocab_size,
+            name,
+            "pad_token_id",
+            self.pad_token_id,
+            "must be a token id in [0, vocab_size)",
+        )
+        _check(
+            isinstance(self.layer_norm_eps, float) and self.layer_norm_eps > 0,
+            name,
+            "layer_norm_eps",
+            self.layer_norm_eps,
+            "must be a float > 0",
+        )
+        _check(self.hidden_act == "gelu", name, "hidden_act", self.hidden_act, "only 'gelu' is supported")
+        _probabilities(self, ("hidden_dropout", "attention_dropout"))
+
+    @classmethod
+    def from_hf_bert_config(cls, bert: dict[str, Any], **overrides: Any) -> TextConfig:
+        """Read an HF `config.json` of a BERT model (extra HF keys are ignored; ALBEF's own
+        `fusion_layer`/`encoder_width` are read when present)."""
+        names = {
+            "vocab_size": "vocab_size",
+            "hidden_size": "hidden_size",
+            "num_heads": "num_attention_heads",
+            "intermediate_size": "intermediate_size",
+            "num_layers": "num_hidden_layers",
+            "fusion_layer": "fusion_layer",
+            "max_position_embeddings": "max_position_embeddings",
+            "type_vocab_size": "type_vocab_size",
+            "layer_norm_eps": "layer_norm_eps",
+            "hidden_dropout": "hidden_dropout_prob",
+            "attention_dropout": "attention_probs_dropout_prob",
+            "encoder_width": "encoder_width",
+            "pad_token_id": "pad_token_id",
+            "hidden_act": "hidden_act",
+        }
+        kwargs = {ours: bert[theirs] for ours, theirs in names.items() if theirs in bert}
+        if "layer_norm_eps" in kwargs:
+            kwargs["layer_norm_eps"] = float(kwargs["layer_norm_eps"])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ALBEFConfig:
+    """The whole pretraining model: encoders, projections, momentum distillation and queues."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256  # ITC projection width
+    temp: float = 0.07  # initial softmax temperature (learnable, clamped to [0.001, 0.5] in forward)
+    queue_size: int = 65536  # momentum features kept per modality (must be a multiple of batch * world)
+    momentum: float = 0.995  # EMA coefficient m in theta_m <- m * theta_m + (1 - m) * theta
+    mlm_probability: float = 0.15  # fraction of tokens masked for MLM
+    queue_seed: int = 0  # seed of the initial random queues: identical on every rank
+    momentum_dropout: bool = False  # True: momentum encoders follow train()/eval() (official code);
+    # False: they always run in eval mode, giving deterministic distillation targets (dinov2 teacher)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _check(isinstance(self.vision, VisionConfig), name, "vision", type(self.vision), "must be a VisionConfig")
+        _check(isinstance(self.text, TextConfig), name, "text", type(self.text), "must be a TextConfig")
+        _positive_ints(self, ("embed_dim", "queue_size"))
+        _check(
+            isinstance(self.temp, (int, float)) and 0.001 <= self.temp <= 0.5,
+            name,
+            "temp",
+            self.temp,
+            "must be in [0.001, 0.5] (the clamp range)",
+        )
+        _check(
+            isinstance(self.momentum, float) and 0.0 <= self.momentum < 1.0,
+            name,
+            "momentum",
+            self.momentum,
+            "must be a float in [0, 1)",
+        )
+        _check(
+            isinstance(self.mlm_probability, float) and 0.0 < self.mlm_probability < 1.0,
+            name,
+            "mlm_probability",
+            self.mlm_probability,
+            "must be a float in (0, 1)",
+        )
+        _check(
+            isinstance(self.queue_seed, int) and self.queue_seed >= 0,
+            name,
+            "queue_seed",
+            self.queue_seed,
+            "must be an int >= 0",
+        )
+        _check(
+            isinstance(self.momentum_dropout, bool), name, "momentum_dropout", self.momentum_dropout, "must be a bool"
+        )
+        _check(
+            self.text.encoder_width == self.vision.width,
+            name,
+            "text.encoder_width",
+            self.text.encoder_width,
+            f"must equal vision.width={self.vision.width} (the fusion layers read the ViT tokens)",
+        )
+
+    # -- constructors -------------------------------------------------------------------------------------
+    @classmethod
+    def base(cls, image_size: int = 256, **overrides: Any) -> ALBEFConfig:
+        """ALBEF-base: ViT-B/16 + bert-base-uncased (6 text + 6 fusion layers), the paper's model."""
+        return cls(vision=VisionConfig(image_size=image_size), text=TextConfig(), **overrides)
+
+    @classmethod
+    def tiny(cls, image_size: int = 32, vocab_size: int = 30522, **overrides: Any) -> ALBEFConfig:
+        """Test size (a few M params, mostly the vocabulary): runs a step in milliseconds on a CPU."""
+        vision = VisionConfig(image_size=image_size, width=64, depth=2, num_heads=2)
+        text = TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_heads=2,
+            intermediate_size=128,
+            num_layers=4,
+            fusion_layer=2,
+            encoder_width=64,
+        )
+        kwargs: dict[str, Any] = {"embed_dim": 32, "queue_size": 64}
+        kwargs.update(overrides)
+        return cls(vision=vision, text=text, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _strict_kwargs(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> ALBEFConfig:
+    """Sparse nested dict (e.g. a YAML `model:` block) over the base defaults; unknown keys are errors."""
+    kwargs = _strict_kwargs(ALBEFConfig, data, "model")
+    if "vision" in kwargs:
+        kwargs["vision"] = VisionConfig(**_strict_kwargs(VisionConfig, kwargs["vision"], "model.vision"))
+    if "text" in kwargs:
+        kwargs["text"] = TextConfig(**_strict_kwargs(TextConfig, kwargs["text"], "model.text"))
+    return ALBEFConfig(**kwargs)
+
+
+def config_from_official(
+    albef_config: dict[str, Any], bert_config: dict[str, Any], vit_overrides: dict[str, Any] | None = None
+) -> ALBEFConfig:
+    """Config of an official ALBEF run.
+
+    Args:
+        albef_config: the official YAML config (`image_res`, `vision_width`, `embed_dim`, `temp`,
+            `queue_size`, `momentum`, `mlm_probability`).
+        bert_config: the HF BERT config with ALBEF's `fusion_layer` and `encoder_width`.
+        vit_overrides: timm-style `embed_dim`/`depth`/`num_heads` where the run changed the
+            hard-coded ViT-B/16 (empty or None = ViT-B/16).
+    """
+    vit = dict(vit_overrides or {})
+    unknown = sorted(set(vit) - {"embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio"})
+    if unknown:
+        raise ValueError(f"vit_overrides: unknown key(s) {unknown}")
+    vision = VisionConfig(
+        image_size=int(albef_config["image_res"]),
+        patch_size=vit.get("patch_size", 16),
+        width=vit.get("embed_dim", 768),
+        depth=vit.get("depth", 12),
+        num_heads=vit.get("num_heads", 12),
+        mlp_ratio=float(vit.get("mlp_ratio", 4.0)),
+    )
+    if "vision_width" in albef_config and int(albef_config["vision_width"]) != vision.width:
+        raise ValueError(f"albef_config.vision_width={albef_config['vision_width']} != ViT width {vision.width}")
+    text = TextConfig.from_hf_bert_config(bert_config)
+    kwargs = {k: albef_config[k] for k in ("embed_dim", "queue_size") if k in albef_config}
+    kwargs.update({k: float(albef_config[k]) for k in ("temp", "momentum", "mlm_probability") if k in albef_config})
+    return ALBEFConfig(vision=vision, text=text, **kwargs)

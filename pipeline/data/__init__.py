@@ -1,0 +1,17 @@
+"""Shards -> batches: manifests, webdataset stages, the train and eval loaders (see loaders.py)."""
+from pipeline.data.loaders import (
+    CaptionIndex,
+    EvalStream,
+    StreamConfig,
+    TrainStream,
+    build_eval_loader,
+    build_train_loader,
+    caption_index,
+)
+from pipeline.data.manifest import Shard, Source, load_sources, read_manifest, steps_per_epoch
+from pipeline.data.stages import SkipCounter
+
+__all__ = [
+    "CaptionIndex", "EvalStream", "Shard", "SkipCounter", "Source", "StreamConfig", "TrainStream",
+    "build_eval_loader", "build_train_loader", "caption_index", "load_sources", "read_manifest", "steps_per_epoch",
+]

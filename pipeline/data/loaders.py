@@ -1,0 +1,256 @@
+"""Training and evaluation loaders over WebDataset shards described by manifests.
+
+Training stream = a pure function of (seed, global step)
+---------------------------------------------------------
+Steps are grouped in segments of K = `segment_steps` steps: segment s covers global steps
+[s*K, (s+1)*K). Inside a segment, on rank r, step s*K + i belongs to slot v = i mod W (W = number
+of DataLoader workers, 1 when num_workers=0), and slot v's batches are, in order, those of the
+independent stream
+
+    resampled shards (weighted by source) -> tar samples -> shuffle buffer -> decode+augment -> batch
+
+whose every random draw comes from generators seeded by derive_seed(seed, s, r, v). So the batch at
+global step g is fixed by (seed, g, rank) and the set-up (manifests, weights, world size, workers,
+batch size, K, buffer size, transforms). A loader started at any `start_step` g0 reproduces exactly
+what an uninterrupted run yields from g0 on: DataLoader worker w serves steps g0 + w, g0 + w + W, ...
+(the DataLoader's round-robin order), i.e. in segment s the slot v = (g0 + w - s*K) mod W; in the
+first segment it decodes and drops the slot's batches before g0 (at most K/W per worker; none when
+g0 is a multiple of K, so checkpoint every K steps for a free resume). Each segment starts a fresh
+shuffle buffer (raw bytes, cheap to refill). Every batch carries its global "step" so the trainer
+can assert alignment.
+
+Skipped samples: every stream owns a `SkipCounter`. Reasons: bad_shard (a tar that raised a read
+error or held fewer samples than its manifest lists; counted once per shard read) + lost_samples
+(how many it was short), bad_image (does not decode), missing_image, missing_caption (no caption
+left after pre_caption), bad_json. Each batch carries `bad_samples`, the counts met while it was
+assembled (an increment, {} when clean): the trainer sums them (and all-reduces them for logging).
+Batches dropped while fast-forwarding drop their counts too, matching what the uninterrupted run
+had already reported before the checkpoint.
+
+Finite mode (`resampled=False`, and the eval loader): shards are ordered (shuffled with
+(seed, epoch) for training, manifest order for eval) identically on every rank, and global slot
+rank*W + w takes every (world_size*W)-th shard, so all ranks' workers together yield every sample
+once. Batch counts then differ across ranks/workers (the last batch is partial): the caller must
+tolerate uneven ends (e.g. all-reduce a "has data" flag). Resume inside a finite epoch is not
+supported (start at step 0 of an epoch).
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data import stages
+from pipeline.data.manifest import Source, load_sources, shard_distribution
+from pipeline.transforms import EvalTransform, build_train_transform, limit_threads
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    if info is None:
+        return 0, 1
+    limit_threads()
+    return info.id, info.num_workers
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """What a stream needs besides its seeds; shared by the train and eval datasets."""
+
+    sources: tuple[Source, ...]
+    batch_size: int
+    rank: int
+    world_size: int
+    transform: Callable
+    max_words: int = 30
+    shuffle_buffer: int = 1000  # raw samples held per worker for shuffling (0 = no shuffle)
+    normalize: bool = True  # float32 CLIP-normalised images; False = uint8, normalise on the device
+
+    def __post_init__(self) -> None:
+        assert self.batch_size > 0, self.batch_size
+        assert 0 <= self.rank < self.world_size, (self.rank, self.world_size)
+
+
+class TrainStream(IterableDataset):
+    """Per-rank training batches; resampled (endless, resumable) or finite (one exact epoch)."""
+
+    def __init__(
+        self, cfg: StreamConfig, *, tokenizer, max_len: int, padding: str, seed: int, start_step: int,
+        num_steps: int | None, segment_steps: int, resampled: bool, epoch: int,
+    ) -> None:
+        assert segment_steps > 0 and start_step >= 0, (segment_steps, start_step)
+        assert resampled or start_step == 0, "finite mode starts at the beginning of an epoch"
+        self.cfg, self.seed, self.start_step, self.num_steps = cfg, seed, start_step, num_steps
+        self.segment_steps, self.resampled, self.epoch = segment_steps, resampled, epoch
+        self.tokenizer, self.max_len, self.padding = tokenizer, max_len, padding
+
+    def __iter__(self) -> Iterator[dict]:
+        w, num_workers = _worker()
+        return self._resampled(w, num_workers) if self.resampled else self._finite(w, num_workers)
+
+    def _collate(self, counter: stages.SkipCounter) -> Callable:
+        return partial(stages.collate_train, tokenizer=self.tokenizer, max_len=self.max_len,
+                       padding=self.padding, counter=counter, normalize=self.cfg.normalize)
+
+    def _slot_batches(self, segment: int, slot: int) -> Iterator[dict]:
+        cfg = self.cfg
+        base = stages.derive_seed(self.seed, segment, cfg.rank, slot)
+        shard_rng, shuffle_rng, aug_rng = (random.Random(stages.derive_seed(base, k)) for k in range(3))
+        shards, probs = shard_distribution(cfg.sources)
+        counter = stages.SkipCounter()
+        pipeline = wds.DataPipeline(
+            lambda: stages.resampled_shards(shards, probs, shard_rng),  # endless weighted shard draws
+            partial(stages.expand_shards, counter=counter),  # raw samples, tar errors counted
+            *_shuffle_stage(cfg.shuffle_buffer, shuffle_rng),  # sample order mixed across shards
+            partial(stages.decode_train, transform=cfg.transform, rng=aug_rng, counter=counter,
+                    max_words=cfg.max_words),  # decoded + augmented, bad samples dropped
+            partial(stages.batch_samples, batch_size=cfg.batch_size, collate=self._collate(counter),
+                    partial=False),  # full batches only
+        )
+        return iter(pipeline)
+
+    def _resampled(self, w: int, num_workers: int) -> Iterator[dict]:
+        k, g0 = self.segment_steps, self.start_step
+        end = None if self.num_steps is None else g0 + self.num_steps
+        segment = g0 // k
+        while end is None or segment * k < end:
+            first = segment * k
+            slot = (g0 + w - first) % num_workers
+            lo, hi = max(g0 - first, 0), k if end is None else min(k, end - first)
+            # zip stops on the range first, so no batch beyond `hi` is decoded.
+            for i, batch in zip(range(slot, hi, num_workers), self._slot_batches(segment, slot)):
+                if i >= lo:
+                    batch["step"] = first + i
+                    yield batch
+            segment += 1
+
+    def _finite(self, w: int, num_workers: int) -> Iterator[dict]:
+        cfg = self.cfg
+        shards, _ = shard_distribution(cfg.sources)
+        order_rng = random.Random(stages.derive_seed(self.seed, self.epoch))  # same on every rank
+        mine = stages.partitioned_shards(shards, cfg.rank * num_workers + w, cfg.world_size * num_workers, order_rng)
+        base = stages.derive_seed(self.seed, self.epoch, cfg.rank, w)
+        shuffle_rng, aug_rng = random.Random(stages.derive_seed(base, 1)), random.Random(stages.derive_seed(base, 2))
+        counter = stages.SkipCounter()
+        pipeline = wds.DataPipeline(
+            lambda: iter(mine),  # this slot's shards (a bare list would be flattened into stages)
+            partial(stages.expand_shards, counter=counter),
+            *_shuffle_stage(cfg.shuffle_buffer, shuffle_rng),
+            partial(stages.decode_train, transform=cfg.transform, rng=aug_rng, counter=counter, max_words=cfg.max_words),
+            partial(stages.batch_samples, batch_size=cfg.batch_size, collate=self._collate(counter), partial=True),
+        )
+        for batch in pipeline:
+            batch["step"] = -1  # no global step in finite mode
+            yield batch
+
+
+class EvalStream(IterableDataset):
+    """Each image once (finite partition over ranks x workers), with all its captions in order."""
+
+    def __init__(self, cfg: StreamConfig) -> None:
+        self.cfg = cfg
+
+    def __iter__(self) -> Iterator[dict]:
+        cfg = self.cfg
+        w, num_workers = _worker()
+        shards, _ = shard_distribution(cfg.sources)
+        mine = shards[cfg.rank * num_workers + w :: cfg.world_size * num_workers]  # manifest order
+        counter = stages.SkipCounter()
+        return iter(wds.DataPipeline(
+            lambda: iter(mine),  # this slot's shards, manifest order
+            partial(stages.expand_shards, counter=counter),
+            partial(stages.decode_eval, transform=cfg.transform, counter=counter, max_words=cfg.max_words),
+            partial(stages.batch_samples, batch_size=cfg.batch_size,
+                    collate=partial(stages.collate_eval, counter=counter, normalize=cfg.normalize), partial=True),
+        ))
+
+
+def _shuffle_stage(bufsize: int, rng: random.Random) -> list:
+    return [wds.shuffle(bufsize, initial=bufsize, rng=rng)] if bufsize > 1 else []
+
+
+def _data_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None, seed: int = 0) -> DataLoader:
+    # An own generator: DataLoader draws its workers' base seed from it instead of consuming the
+    # trainer's global torch RNG each time a loader is iterated.
+    generator = torch.Generator().manual_seed(seed)
+    if num_workers > 0:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer runs inside forked workers
+    return DataLoader(
+        dataset, batch_size=None, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        generator=generator,  # default prefetch (2 batches per worker): batches are large
+    )
+
+
+def build_train_loader(
+    manifests: Sequence[str | Path], *, batch_size: int, rank: int, world_size: int, num_workers: int,
+    seed: int, start_step: int, image_res: int, tokenizer, max_len: int,
+    weights: Sequence[float] | None = None, num_steps: int | None = None, segment_steps: int = 1000,
+    finetune: bool = False, resampled: bool = True, epoch: int = 0, shuffle_buffer: int = 1000,
+    max_words: int = 30, padding: Literal["longest", "max_length"] = "longest", pin_memory: bool | None = None,
+    draft: bool = True, normalize: bool = True,
+) -> DataLoader:
+    """Per-rank training batches for global steps start_step, start_step+1, ... (see module doc).
+
+    Batch fields: image float32 [B,3,R,R] CLIP-normalised (uint8 with normalize=False: the trainer
+    then calls pipeline.transforms.normalize_images on the device), input_ids / attention_mask int64 [B,L]
+    (L <= max_len; MLM masking is the trainer's), image_idx int64 [B] (stable hash of source and
+    image_id, for fine-tuning's idx queue), source int64 [B] (manifest index), image_id / key /
+    caption lists, bad_samples dict[str, int] (increment), step int (global step; -1 in finite mode).
+    `num_steps` None = endless. `finetune` selects the (0.5, 1) crop scale.
+    """
+    cfg = StreamConfig(
+        tuple(load_sources(manifests, weights)), batch_size, rank, world_size,
+        build_train_transform(image_res, finetune=finetune, draft=draft), max_words, shuffle_buffer, normalize,
+    )
+    dataset = TrainStream(
+        cfg, tokenizer=tokenizer, max_len=max_len, padding=padding, seed=seed, start_step=start_step,
+        num_steps=num_steps, segment_steps=segment_steps, resampled=resampled, epoch=epoch,
+    )
+    return _data_loader(dataset, num_workers, pin_memory, seed)
+
+
+def build_eval_loader(
+    manifests: Sequence[str | Path], *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+    image_res: int = 384, max_words: int = 30, pin_memory: bool | None = None, draft: bool = True,
+    normalize: bool = True,
+) -> DataLoader:
+    """Every image of the manifests once, over ranks x workers (see module doc).
+
+    Batch fields: image float32 [B,3,R,R] (uint8 with normalize=False), captions list[list[str]]
+    (all cleaned captions of each image, stored order), image_id / key lists, image_idx / source
+    int64 [B], bad_samples dict.
+    Texts are tokenised by the caller (see `caption_index`) as retrieval needs them all at once.
+    """
+    cfg = StreamConfig(tuple(load_sources(manifests)), batch_size, rank, world_size,
+                       EvalTransform(image_res, draft=draft), max_words, 0, normalize)
+    return _data_loader(EvalStream(cfg), num_workers, pin_memory)
+
+
+@dataclass(frozen=True)
+class CaptionIndex:
+    """Flat text list for retrieval with the maps between texts and images."""
+
+    texts: list[str]
+    txt2img: torch.Tensor  # int64 [T]: image index of each text
+    img2txt: list[list[int]]  # text indices of each image
+
+
+def caption_index(captions_per_image: Sequence[Sequence[str]]) -> CaptionIndex:
+    """Flatten per-image caption lists (image index = position) as the official re_eval_dataset."""
+    texts: list[str] = []
+    txt2img: list[int] = []
+    img2txt: list[list[int]] = []
+    for img, caps in enumerate(captions_per_image):
+        img2txt.append(list(range(len(texts), len(texts) + len(caps))))
+        texts.extend(caps)
+        txt2img.extend([img] * len(caps))
+    return CaptionIndex(texts, torch.tensor(txt2img, dtype=torch.long), img2txt)

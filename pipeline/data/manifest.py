@@ -1,0 +1,134 @@
+"""Reading the shard manifests written by data_prep (the shared contract) and sizing epochs.
+
+A manifest (`DIR/manifest.json`, format_version 1) lists the shards of one source with their
+sample counts; paths are relative to DIR. The loader only trusts what the manifest says: the
+counts size the epoch, weight the sources and tell a truncated shard from a complete one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar file: absolute path, sample count from the manifest, index of its source."""
+
+    url: str
+    samples: int
+    source: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """One manifest: a named set of shards and its sampling weight (relative, not normalised)."""
+
+    name: str
+    root: Path
+    split: str | None
+    shards: tuple[Shard, ...]
+    num_samples: int
+    num_captions: int
+    weight: float
+
+
+def manifest_path(path: str | Path) -> Path:
+    """Accept either the manifest file or the folder holding it."""
+    p = Path(path)
+    return p / MANIFEST_NAME if p.is_dir() else p
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Load and validate one manifest; errors name the file and the offending key."""
+    p = manifest_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"manifest not found: {p}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exn:
+        raise ValueError(f"{p}: not valid JSON ({exn})") from exn
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{p}: format_version is {data.get('format_version')!r}, expected {FORMAT_VERSION}")
+    shards = data.get("shards")
+    if not isinstance(shards, list):
+        raise ValueError(f"{p}: key 'shards' must be a list")
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or not isinstance(shard.get("path"), str):
+            raise ValueError(f"{p}: shards[{i}] needs a string 'path'")
+        if not isinstance(shard.get("samples"), int) or shard["samples"] < 0:
+            raise ValueError(f"{p}: shards[{i}].samples must be a non-negative int")
+    return data
+
+
+def _load_source(path: str | Path, index: int, weight: float | None) -> Source:
+    p = manifest_path(path)
+    data = read_manifest(p)
+    root = p.parent
+    shards = []
+    for entry in data["shards"]:
+        if entry["samples"] == 0:
+            continue  # img2dataset writes empty shards when every URL of a shard failed
+        url = root / entry["path"]
+        if not url.is_file():
+            raise FileNotFoundError(f"{p}: shard {entry['path']} does not exist ({url})")
+        shards.append(Shard(str(url), entry["samples"], index))
+    num_samples = sum(s.samples for s in shards)
+    if num_samples == 0:
+        raise ValueError(f"{p}: manifest lists no samples")
+    w = float(num_samples) if weight is None else float(weight)
+    if not w > 0:
+        raise ValueError(f"{p}: source weight must be > 0, got {weight!r}")
+    return Source(
+        name=str(data.get("source", root.name)), root=root, split=data.get("split"), shards=tuple(shards),
+        num_samples=num_samples, num_captions=int(data.get("num_captions", num_samples)), weight=w,
+    )
+
+
+def load_sources(manifests: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[Source]:
+    """Read every manifest; `weights` (one per manifest) default to the sources' sample counts."""
+    if isinstance(manifests, (str, Path)):
+        manifests = [manifests]
+    if not manifests:
+        raise ValueError("no manifests given")
+    if weights is not None and len(weights) != len(manifests):
+        raise ValueError(f"weights has {len(weights)} entries for {len(manifests)} manifests")
+    sources = [_load_source(m, i, None if weights is None else weights[i]) for i, m in enumerate(manifests)]
+    total_w = sum(s.weight for s in sources)
+    for s in sources:
+        logger.info("source %s: %d shards, %d samples, mixing weight %.3f", s.name, len(s.shards), s.num_samples, s.weight / total_w)
+    return sources
+
+
+def shard_distribution(sources: Sequence[Source]) -> tuple[list[Shard], list[float]]:
+    """All shards and their draw probabilities: P(source) = its weight share, then by shard size.
+
+    Drawing a shard with probability proportional to its sample count inside a source makes every
+    sample of a source equally likely, whatever the shard sizes.
+    """
+    total_w = sum(s.weight for s in sources)
+    shards, probs = [], []
+    for s in sources:
+        for shard in s.shards:
+            shards.append(shard)
+            probs.append(s.weight / total_w * shard.samples / s.num_samples)
+    return shards, probs
+
+
+def total_samples(sources: Sequence[Source]) -> int:
+    return sum(s.num_samples for s in sources)
+
+
+def steps_per_epoch(sources: Sequence[Source], batch_size: int, world_size: int) -> int:
+    """Optimizer-free epoch length: full global batches (batch_size per rank x world_size) per pass."""
+    steps = total_samples(sources) // (batch_size * world_size)
+    if steps < 1:
+        raise ValueError(f"{total_samples(sources)} samples are fewer than one global batch of {batch_size * world_size}")
+    return steps

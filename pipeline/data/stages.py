@@ -1,0 +1,229 @@
+"""Small webdataset pipeline stages: shard choice, tar expansion, decoding, batching, collation.
+
+Each stage is a generator over the previous one; the comment on each says what holds after it.
+Every random choice draws from a `random.Random` passed in, never from global state, so a
+stream is a pure function of its seeds (see pipeline.data.loaders for how seeds are derived).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from pipeline.data.manifest import Shard
+from pipeline.text import pre_caption, tokenize
+from pipeline.transforms import normalize_images, open_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_LOG_FIRST = 5  # per reason and worker, then one line every _LOG_EVERY
+_LOG_EVERY = 1000
+
+
+def derive_seed(*parts: int) -> int:
+    """Well-mixed 64-bit seed from integers (seed, segment, rank, slot, stream...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0])
+
+
+def stable_id(source: int, image_id: str) -> int:
+    """63-bit integer id of (source, image_id), the same in every process (for idx queues)."""
+    digest = hashlib.blake2b(f"{source}\x00{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class SkipCounter:
+    """Counts skipped samples by reason inside one worker; batches carry the increments.
+
+    `take()` returns the counts since the last call and resets them, so each batch reports the
+    bad samples met while it was assembled and the trainer's sum over batches is the total.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.totals: Counter[str] = Counter()
+
+    def add(self, reason: str, detail: str = "", n: int = 1, log: bool = True) -> None:
+        self.counts[reason] += n
+        self.totals[reason] += n
+        seen = self.totals[reason]
+        if log and (seen <= _LOG_FIRST or seen % _LOG_EVERY == 0):
+            logger.warning("skipped (%s, %d so far in this worker): %s", reason, seen, detail[:300])
+
+    def take(self) -> dict[str, int]:
+        out = dict(self.counts)
+        self.counts.clear()
+        return out
+
+
+def resampled_shards(shards: Sequence[Shard], probs: Sequence[float], rng: random.Random) -> Iterator[Shard]:
+    """Endless shard draws with replacement. After: any shard, P(shard) = probs[i]."""
+    cum = list(np.cumsum(probs))
+    while True:
+        yield rng.choices(shards, cum_weights=cum, k=1)[0]
+
+
+def partitioned_shards(shards: Sequence[Shard], slot: int, num_slots: int, rng: random.Random) -> list[Shard]:
+    """Shards of one (rank, worker) slot: a shuffle identical on every slot, then every num_slots-th.
+
+    After: the slots' lists are disjoint and together hold every shard exactly once.
+    """
+    order = list(shards)
+    rng.shuffle(order)
+    return order[slot::num_slots]
+
+
+def expand_shards(shards: Iterable[Shard], counter: SkipCounter) -> Iterator[dict]:
+    """Shards -> raw samples {__key__, __url__, __source__, jpg, json, ...} (bytes, undecoded).
+
+    A shard that raises a read error (truncated/corrupt/unreadable tar) or ends with fewer
+    samples than its manifest lists (tarfile does not always raise on a cut tar) counts once as
+    `bad_shard`, and the missing samples as `lost_samples`; reading goes on with the next shard.
+    """
+    for shard in shards:
+        errors: list[Exception] = []
+        n = 0
+        for sample in wds.tarfile_samples(iter([{"url": shard.url}]), handler=_collect_into(errors)):
+            sample["__source__"] = shard.source
+            n += 1
+            yield sample
+        if errors or n < shard.samples:
+            why = repr(errors[0]) if errors else "no read error"
+            counter.add("bad_shard", f"{shard.url}: read {n} of {shard.samples} samples ({why})")
+            if n < shard.samples:
+                counter.add("lost_samples", n=shard.samples - n, log=False)
+
+
+def _collect_into(errors: list[Exception]) -> Callable[[Exception], bool]:
+    def handler(exn: Exception) -> bool:  # webdataset handler: note the error, keep going
+        errors.append(exn)
+        return True
+
+    return handler
+
+
+def _captions(sample: dict) -> tuple[list[str], str]:
+    """Raw captions (json["captions"], else the txt file) and image_id (json, else the key)."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    if not isinstance(meta, dict):
+        raise ValueError("json is not an object")
+    caps = meta.get("captions")
+    if isinstance(caps, str):
+        caps = [caps]
+    if not caps and "txt" in sample:
+        caps = [sample["txt"].decode("utf-8")]
+    caps = [c for c in (caps or []) if isinstance(c, str)]
+    return caps, str(meta.get("image_id", sample["__key__"]))
+
+
+def _parse(sample: dict, counter: SkipCounter, max_words: int) -> tuple[bytes, list[str], str] | None:
+    """Image bytes, cleaned captions, image_id; None (counted) when a part is missing or bad."""
+    where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if image is None:
+        counter.add("missing_image", where)
+        return None
+    try:
+        raw, image_id = _captions(sample)
+    except (ValueError, UnicodeDecodeError) as exn:
+        counter.add("bad_json", f"{where}: {exn}")
+        return None
+    caps = [pre_caption(c, max_words) for c in raw]
+    if not any(caps):
+        counter.add("missing_caption", where)
+        return None
+    return image, caps, image_id
+
+
+def _decode_image(data: bytes, transform: Callable, rng: random.Random | None, counter: SkipCounter, where: str):
+    try:
+        return transform(open_image(data), rng)
+    except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        counter.add("bad_image", f"{where}: {exn!r}")
+        return None
+
+
+def decode_train(samples: Iterable[dict], transform: Callable, rng: random.Random, counter: SkipCounter, max_words: int):
+    """Raw -> {image [3,R,R], caption (one cleaned caption drawn with rng), ids}. Bad ones counted."""
+    for sample in samples:
+        parsed = _parse(sample, counter, max_words)
+        if parsed is None:
+            continue
+        data, caps, image_id = parsed
+        caption = rng.choice([c for c in caps if c])
+        image = _decode_image(data, transform, rng, counter, f"{sample['__url__']}:{sample['__key__']}")
+        if image is not None:
+            yield {"image": image, "caption": caption, "image_id": image_id, "key": sample["__key__"],
+                   "source": sample["__source__"]}
+
+
+def decode_eval(samples: Iterable[dict], transform: Callable, counter: SkipCounter, max_words: int):
+    """Raw -> {image, captions (ALL cleaned captions, stored order), ids}. Bad ones counted."""
+    for sample in samples:
+        parsed = _parse(sample, counter, max_words)
+        if parsed is None:
+            continue
+        data, caps, image_id = parsed
+        image = _decode_image(data, transform, None, counter, f"{sample['__url__']}:{sample['__key__']}")
+        if image is not None:
+            yield {"image": image, "captions": caps, "image_id": image_id, "key": sample["__key__"],
+                   "source": sample["__source__"]}
+
+
+def batch_samples(samples: Iterable[dict], batch_size: int, collate: Callable[[list[dict]], dict], partial: bool):
+    """Samples -> collated batches of batch_size; with `partial` the last one may be smaller.
+
+    Endless streams (partial=False) emit a batch as soon as it is full: no look-ahead sample is
+    decoded, so the skip counts a batch carries are exactly those met while assembling it, on
+    resume too. Finite streams (partial=True) hold a full batch until the next sample exists, so
+    the counts met at the very end still ride on the last batch.
+    """
+    batch: list[dict] = []
+    for sample in samples:
+        if partial and len(batch) == batch_size:
+            yield collate(batch)
+            batch = []
+        batch.append(sample)
+        if not partial and len(batch) == batch_size:
+            yield collate(batch)
+            batch = []
+    if batch and partial:
+        yield collate(batch)
+
+
+def _common(samples: list[dict], counter: SkipCounter, normalize: bool) -> dict:
+    sources = [s["source"] for s in samples]
+    images = torch.stack([s["image"] for s in samples])  # uint8 [B, 3, R, R]
+    return {
+        "image": normalize_images(images) if normalize else images,
+        "image_id": [s["image_id"] for s in samples],
+        "image_idx": torch.tensor([stable_id(src, s["image_id"]) for src, s in zip(sources, samples)], dtype=torch.long),
+        "key": [s["key"] for s in samples],
+        "source": torch.tensor(sources, dtype=torch.long),
+        "bad_samples": counter.take(),
+    }
+
+
+def collate_train(
+    samples: list[dict], tokenizer, max_len: int, padding: str, counter: SkipCounter, normalize: bool = True
+) -> dict:
+    """Training batch: image [B,3,R,R] (float normalised, or uint8), input_ids / attention_mask [B,L]."""
+    out = _common(samples, counter, normalize)
+    captions = [s["caption"] for s in samples]
+    out["input_ids"], out["attention_mask"] = tokenize(tokenizer, captions, max_len, padding)
+    out["caption"] = captions
+    return out
+
+
+def collate_eval(samples: list[dict], counter: SkipCounter, normalize: bool = True) -> dict:
+    """Eval batch: image [B,3,R,R], captions: list (per image) of lists of cleaned captions, ids."""
+    out = _common(samples, counter, normalize)
+    out["captions"] = [s["captions"] for s in samples]
+    return out

@@ -1,0 +1,125 @@
+"""The DeepSpeed config dict: a JSON file for the engine's own settings, the experiment config for
+everything the two could disagree on.
+
+The JSON (ds_configs/*.json) owns ZeRO, precision, loss scaling, buckets and the optimizer type.
+Batch geometry, gradient accumulation, clipping and the optimizer's hyper-parameters come from the
+experiment config and are injected here, so a run can never train with one batch size while the
+schedule assumes another. A JSON that sets one of those keys to a different value is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pipeline.config import ConfigError, OptimConfig, TrainConfig, resolve_path
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+def resolve_device(requested: str) -> Literal["cpu", "cuda"]:
+    """`train.device` -> the device this process trains on (auto = cuda when one is visible)."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "cuda requested but torch sees no GPU")
+    return requested  # type: ignore[return-value]
+
+
+def load_ds_json(path: str) -> dict[str, Any]:
+    """Read the DeepSpeed JSON named by `deepspeed.config`; errors name that key."""
+    file = resolve_path(path)
+    if file is None or not file.is_file():
+        raise ConfigError("deepspeed.config", f"file not found: {path}")
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError("deepspeed.config", f"{file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("deepspeed.config", f"{file} must hold a JSON object")
+    return data
+
+
+def precision_of(ds: dict[str, Any]) -> Precision:
+    """fp16 / bf16 / fp32 as enabled in a DeepSpeed config dict."""
+    fp16 = bool(ds.get("fp16", {}).get("enabled", False))
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    if fp16 and bf16:
+        raise ConfigError("deepspeed.config", "enables both fp16 and bf16")
+    return "fp16" if fp16 else "bf16" if bf16 else "fp32"
+
+
+def build_ds_config(
+    path: str, *, train: TrainConfig, optim: OptimConfig, world_size: int, device: str
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for `deepspeed.initialize`, with the experiment's values injected.
+
+    Raises ConfigError (key `deepspeed.config`) for a JSON that contradicts the experiment config,
+    fp16 on the CPU (DeepSpeed refuses it), ZeRO-3 (the EMA needs full parameters on every rank)
+    or a JSON LR scheduler (the LR is a pure function of the step, set by the trainer).
+    """
+    ds = copy.deepcopy(load_ds_json(path))
+    injected = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_batch_size": train.batch_size * train.grad_accum_steps * world_size,
+        "gradient_clipping": optim.grad_clip,
+    }
+    for key, value in injected.items():
+        _refuse_conflict(ds, key, value)
+        ds[key] = value
+    if "scheduler" in ds:
+        raise ConfigError("deepspeed.config", f"{path} has a 'scheduler' section; the LR comes from the optim.* fields")
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage > 2:
+        raise ConfigError(
+            "deepspeed.config",
+            f"ZeRO stage {stage}: the momentum EMA needs full parameters on every rank, use stage <= 2",
+        )
+    precision = precision_of(ds)
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError(
+            "deepspeed.config",
+            f"{path} enables fp16, which DeepSpeed refuses on the CPU; use ds_configs/cpu.json (fp32) or zero2_bf16.json",
+        )
+    ds["optimizer"] = _optimizer_section(ds.get("optimizer"), optim, path)
+    return ds
+
+
+def _refuse_conflict(ds: dict[str, Any], key: str, value: Any) -> None:
+    current = ds.get(key, "auto")
+    if current != "auto" and current != value:
+        raise ConfigError(
+            "deepspeed.config",
+            f"sets {key}={current!r} but the experiment config gives {value!r}; remove it from the JSON (it is injected)",
+        )
+
+
+def _optimizer_section(section: dict[str, Any] | None, optim: OptimConfig, path: str) -> dict[str, Any]:
+    section = copy.deepcopy(section) if section else {"type": "AdamW", "params": {}}
+    if str(section.get("type", "")).lower() not in ("adam", "adamw"):
+        raise ConfigError(
+            "deepspeed.config",
+            f"optimizer type {section.get('type')!r}: only Adam/AdamW (the paper's AdamW) is supported",
+        )
+    params = dict(section.get("params", {}))
+    wanted = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+    for key, value in wanted.items():
+        current = params.get(key, "auto")
+        if current != "auto" and current != value:
+            raise ConfigError(
+                "deepspeed.config",
+                f"sets optimizer.params.{key}={current!r} but optim.{key} gives {value!r}; remove it from the JSON",
+            )
+        params[key] = value
+    if str(section["type"]).lower() == "adam":
+        params.setdefault("adam_w_mode", True)  # decoupled weight decay, as AdamW in the paper
+    section["params"] = params
+    return section

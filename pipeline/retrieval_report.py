@@ -1,0 +1,94 @@
+"""Writing retrieval results: the JSON file, TensorBoard scalars, a console table and a recall@K plot.
+
+Kept apart from the evaluation logic so the numbers are computed once (pipeline/retrieval_metrics.py)
+and only presented here. Files are written to a temporary name and renamed (atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean")
+SCORE_LABELS = {
+    "itc": "ITC (unimodal cosine)",
+    "itm": "ITM (official)",
+    "itm_itc": "ITM + ITC (LAVIS)",
+    "chance": "chance",
+}
+
+
+def report_stem(dataset: str, split: str | None) -> str:
+    """`retrieval_<dataset>_<split>` with characters that are unsafe in file names replaced."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}_{split or 'all'}")
+    return f"retrieval_{safe}"
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def format_table(metrics: Mapping[str, Mapping[str, float]], title: str = "") -> str:
+    """Fixed-width table: one row per score, one column per metric (percent)."""
+    head = f"{'score':<22}" + "".join(f"{k:>11}" for k in METRIC_KEYS)
+    lines = [title] if title else []
+    lines += [head, "-" * len(head)]
+    for name, values in metrics.items():
+        label = SCORE_LABELS.get(name, name)
+        lines.append(f"{label:<22}" + "".join(f"{values.get(k, float('nan')):>11.2f}" for k in METRIC_KEYS))
+    return "\n".join(lines)
+
+
+def tensorboard_scalars(log_dir: Path, prefix: str, metrics: Mapping[str, Mapping[str, float]], step: int) -> None:
+    """`<prefix>/<score>/<metric>` scalars at `step` in `log_dir` (the run's tensorboard folder)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        for score, values in metrics.items():
+            for key, value in values.items():
+                writer.add_scalar(f"{prefix}/{score}/{key}", float(value), global_step=step)
+    finally:
+        writer.close()
+
+
+def plot_recall(path: Path, curves: Mapping[str, Mapping[str, Mapping[int, float]]], title: str) -> None:
+    """Recall@K curves: text retrieval and image retrieval panels, one line per score (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, side, label in (
+        (axes[0], "txt", "text retrieval (image query)"),
+        (axes[1], "img", "image retrieval (text query)"),
+    ):
+        for score, curve in curves.items():
+            ks = sorted(curve[side])
+            style = {"linestyle": "--", "color": "grey"} if score == "chance" else {"marker": "o"}
+            ax.plot(ks, [curve[side][k] for k in ks], label=SCORE_LABELS.get(score, score), **style)
+        ax.set_xscale("log")
+        ax.set_xlabel("K")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("recall@K (%)")
+    axes[0].set_ylim(0, 100)
+    axes[1].legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
