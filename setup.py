@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.62",
     "matplotlib>=3.7",
     "pillow>=10",
+    "opencv-python-headless>=4.5",  # fast RandAugment affine ops (img2dataset needs it too)
     "numpy>=1.24",
 ]
 

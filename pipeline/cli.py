@@ -35,11 +35,18 @@ class Evaluate:
 class Slurm:
     """Submit the pipeline's stages to a SLURM cluster."""
 
-    def submit(self, stages: str = "prep,pretrain,finetune,eval", config: str | None = None, dry_run: bool = False, **overrides: Any) -> list:
-        from pipeline.slurm_submit import submit
+    def submit(self, stages: str = "prep,pretrain,finetune,eval", config: str | None = None, dry_run: bool = False, **overrides: Any) -> int:
+        """Submit the stages chained with --dependency=afterok (--dry_run prints the sbatch lines)."""
+        from pipeline.slurm_submit import submit_command
 
         stage_list = stages.split(",") if isinstance(stages, str) else list(stages)
-        return submit(stages=stage_list, config=config, dry_run=dry_run, overrides=overrides)
+        return submit_command(stage_list, config, dry_run, overrides)
+
+    def status(self, run_dir: str, wait: bool = False) -> int:
+        """Final states of a submitted chain (failed job + its log, dependents that never ran)."""
+        from pipeline.slurm_submit import status_command
+
+        return status_command(run_dir, wait)
 
 
 class CLI:
