@@ -92,3 +92,33 @@ class TrainTask:
     def export_extra(self) -> dict[str, Any]:
         """Extra entries stored in exported files / client state (e.g. the model config)."""
         return {}
+
+
+def config_train_loader(
+    cfg: Any, tokenizer: Any, *, start_micro_step: int, segment_steps: int, rank: int, world_size: int, finetune: bool
+) -> Iterable[dict]:
+    """The training stream of any stage config with `data`, `train.batch_size/seed`, `model.image_res`.
+
+    One place maps experiment-config fields to the loader, so pretraining and fine-tuning can never
+    read their data settings differently; `finetune` picks the fine-tune crop scale.
+    """
+    from pipeline.data import build_train_loader
+
+    d = cfg.data
+    return build_train_loader(
+        d.train,
+        batch_size=cfg.train.batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.num_workers,
+        seed=cfg.train.seed,
+        start_step=start_micro_step,
+        image_res=cfg.model.image_res,
+        tokenizer=tokenizer,
+        max_len=d.max_tokens,
+        weights=d.weights,
+        segment_steps=segment_steps,
+        shuffle_buffer=d.shuffle_buffer,
+        max_words=d.max_words,
+        finetune=finetune,
+    )

@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, PretrainConfig, check, load_config
 from pipeline.distributed import DistInfo
 from pipeline.launch import CONFIG_ERROR_EXIT_CODE, run_training, setup_logging, strip_launcher_keys
 from pipeline.schedule import alpha_at
-from pipeline.task import StepContext, StepOutput, TrainTask
+from pipeline.task import StepContext, StepOutput, TrainTask, config_train_loader
 
 logger = logging.getLogger(__name__)
 
@@ -96,24 +96,9 @@ class PretrainTask(TrainTask):
         return self._samples
 
     def train_batches(self, *, start_micro_step: int, segment_steps: int, rank: int, world_size: int):
-        from pipeline.data import build_train_loader
-
-        d = self.cfg.data
-        return build_train_loader(
-            d.train,
-            batch_size=self.cfg.train.batch_size,
-            rank=rank,
-            world_size=world_size,
-            num_workers=d.num_workers,
-            seed=self.cfg.train.seed,
-            start_step=start_micro_step,
-            image_res=self.cfg.model.image_res,
-            tokenizer=self.tokenizer,
-            max_len=d.max_tokens,
-            weights=d.weights,
-            segment_steps=segment_steps,
-            shuffle_buffer=d.shuffle_buffer,
-            max_words=d.max_words,
+        return config_train_loader(
+            self.cfg, self.tokenizer, start_micro_step=start_micro_step, segment_steps=segment_steps,
+            rank=rank, world_size=world_size, finetune=False,
         )
 
     def begin_step(self, model: nn.Module, ctx: StepContext) -> None:
