@@ -1,0 +1,395 @@
+"""`albef demo`: the whole pipeline on a laptop CPU, end to end, with a report a newcomer can trust.
+
+synthetic coloured-shape set (data_prep.synthetic, Karpathy json) -> served on 127.0.0.1 by a real
+HTTP server -> `albef prep coco` (img2dataset) per split -> `albef pretrain` (tiny ALBEF, DeepSpeed
+on the CPU) -> zero-shot `albef evaluate retrieval` -> `albef finetune retrieval` -> fine-tuned
+evaluation -> DIR/report.json + DIR/report.png.
+
+Why subprocesses: every training stage initialises torch.distributed / DeepSpeed in its process;
+running each stage as `python -m pipeline.cli ...` is exactly the command a user (or the SLURM
+chain) runs, so the demo exercises the same code paths and nothing demo-only lives in model/ or
+the trainer. Why done-markers: a stage counts as complete only once its marker
+(DIR/.stages/<name>.json, atomic) exists, so Ctrl-C at any point leaves a workdir that the next run
+resumes: finished stages are skipped, an interrupted pretrain/fine-tune resumes from its last
+checkpoint (`--resume auto`), an interrupted prep resumes its shards (img2dataset).
+
+Tokenizer: the bert-base-uncased vocab bundled with the pipeline (pipeline/text.py), the same one the
+cluster runs use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Measured on 2 cores (tests/pipeline/test_retrieval_finetune.py's setting): 40 pretrain + 840 fine-tune
+# steps on 256 train images lift held-out recall well above chance. A longer tiny pretrain (100 steps,
+# 512 images) left features collapsed and fine-tuning stuck on its plateau for all 840 steps.
+DEFAULT_PRETRAIN_STEPS = 40
+DEFAULT_FINETUNE_STEPS = 840
+N_TRAIN, N_VAL, N_TEST = 256, 32, 64
+IMAGE_SIZE = 64
+FT_BATCH = 32  # retrieval_tiny_cpu train.batch_size
+FT_VALIDATIONS = 4  # fine-tuning epochs: validation (and `best` selection) at each epoch end
+K_TEST = 16
+# The tiny pretrain config's queue (256) holds stale random features for most of a short run and
+# slows ITC down; a short queue (as the retrieval fine-tuning config) lets contrastive learning start.
+PRETRAIN_OVERRIDES = {"model.queue_size": 32}
+
+
+class StageFailed(RuntimeError):
+    """A stage's subprocess exited non-zero (its own log lines already explain why)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything of a demo run lives under the workdir."""
+
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    def data(self, split: str) -> Path:
+        return self.root / "data" / split
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "runs" / "pretrain"
+
+    @property
+    def finetune(self) -> Path:
+        return self.root / "runs" / "finetune"
+
+    def marker(self, stage: str) -> Path:
+        return self.root / ".stages" / f"{stage}.json"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _header(title: str) -> None:
+    print(f"\n{'=' * 78}\n== {title}\n{'=' * 78}", flush=True)
+
+
+def _cli(args: list[str]) -> None:
+    """Run one `albef ...` command in a fresh process (output goes to this terminal)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a single plain process, whatever launched the demo
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=REPO_ROOT)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reaches the child too; SIGTERM covers a signal sent to the demo alone:
+        # the trainer then finishes its step, checkpoints and exits (pipeline/preemption.py).
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            proc.wait()
+        raise
+    if code != 0:
+        raise StageFailed(f"`albef {' '.join(args[:2])}` exited with code {code}")
+
+
+class Stages:
+    """Runs named stages once each: skipped when their done-marker exists, timed otherwise."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.wall_s: dict[str, float] = {}
+        self.skipped: list[str] = []
+
+    def run(self, name: str, title: str, fn: Any) -> None:
+        _header(title)
+        marker = self.layout.marker(name)
+        if marker.is_file():
+            self.wall_s[name] = float(json.loads(marker.read_text())["wall_s"])
+            self.skipped.append(name)
+            print(f"done in a previous run ({self.wall_s[name]:.1f} s): skipped", flush=True)
+            return
+        t0 = time.perf_counter()
+        fn()
+        self.wall_s[name] = time.perf_counter() - t0
+        _write_json_atomic(marker, {"wall_s": self.wall_s[name], "finished": time.time()})
+        print(f"-- {name}: {self.wall_s[name]:.1f} s", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------
+
+
+def _synthesize(layout: Layout) -> None:
+    """Write the image set; the Karpathy json holds relative paths, so the URL base is chosen at prep time."""
+    from data_prep.synthetic import write_synthetic
+
+    synth = write_synthetic(
+        layout.raw, n_train=N_TRAIN, n_val=N_VAL, n_test=N_TEST, seed=0, image_size=IMAGE_SIZE, captions_per_image=3
+    )
+    counts = {s: len(synth.split(s)) for s in ("train", "val", "test")}
+    print(f"{len(synth.images)} images {counts} under {layout.raw} (test captions never seen in train)", flush=True)
+
+
+def _prep(layout: Layout) -> None:
+    """Serve the images on 127.0.0.1 and ingest each split with `albef prep coco` (img2dataset)."""
+    from data_prep.http_server import FolderServer
+
+    with FolderServer(layout.raw) as server:
+        print(f"serving {layout.raw} at {server.base_url}", flush=True)
+        for split in ("train", "val", "test"):
+            _cli(
+                [
+                    "prep",
+                    "coco",
+                    f"--input={layout.raw / 'dataset_synthetic.json'}",
+                    f"--output={layout.data(split)}",
+                    f"--split={split}",
+                    f"--image_root={server.base_url}",
+                    f"--image_size={IMAGE_SIZE}",
+                    "--processes=1",
+                    "--threads=8",
+                ]
+            )
+
+
+def _pretrain(layout: Layout, steps: int) -> None:
+    _cli(
+        [
+            "pretrain",
+            "--config",
+            "pretrain_tiny_cpu",
+            "--output_dir",
+            str(layout.pretrain),
+            "--resume",
+            "auto",
+            f"--data.train=[{layout.data('train')}]",
+            f"--train.max_steps={steps}",
+            f"--train.save_every_steps={max(1, min(50, steps))}",
+            *[f"--{k}={v}" for k, v in PRETRAIN_OVERRIDES.items()],
+        ]
+    )
+
+
+def _finetune(layout: Layout, steps: int) -> None:
+    """FT_VALIDATIONS epochs of ceil(steps / FT_VALIDATIONS) steps; validation on the val split keeps `best`."""
+    per_epoch = max(1, math.ceil(steps / FT_VALIDATIONS))
+    _cli(
+        [
+            "finetune",
+            "retrieval",
+            "--config",
+            "retrieval_tiny_cpu",
+            "--checkpoint",
+            str(layout.pretrain),
+            "--output_dir",
+            str(layout.finetune),
+            "--resume",
+            "auto",
+            f"--data.train=[{layout.data('train')}]",
+            f"--data.val={layout.data('val')}",
+            f"--data.samples_per_epoch={per_epoch * FT_BATCH}",
+            f"--train.epochs={FT_VALIDATIONS}",
+            f"--train.save_every_steps={max(1, min(100, per_epoch))}",
+        ]
+    )
+
+
+def _evaluate(layout: Layout, checkpoint: Path, output_dir: Path) -> None:
+    _cli(
+        [
+            "evaluate",
+            "retrieval",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(layout.data("test")),
+            "--output_dir",
+            str(output_dir),
+            "--k_test",
+            str(K_TEST),
+            "--dataset=synthetic",
+            "--num_workers=0",
+            "--device=cpu",
+        ]
+    )
+
+
+def _eval_json(run_dir: Path) -> Path:
+    return run_dir / "eval" / "retrieval_synthetic_test.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def _loss_curves(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """train/loss_* scalars of one run's TensorBoard logs (not the fp16 loss scale; empty when none)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not tb_dir.is_dir():
+        return {}
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags().get("scalars", []) if t.startswith("train/loss") and t != "train/loss_scale"]
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in sorted(tags)}
+
+
+def _plot(layout: Layout, zero: dict, tuned: dict, path: Path) -> None:
+    """Three panels: pretraining losses, fine-tuning losses, recall@K (zero-shot, fine-tuned, chance)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, (title, run) in zip(axes[:2], (("pretraining", layout.pretrain), ("fine-tuning", layout.finetune))):
+        for tag, points in _loss_curves(run / "tensorboard").items():
+            ax.plot([s for s, _ in points], [v for _, v in points], label=tag.removeprefix("train/"))
+        ax.set(title=f"{title} losses", xlabel="step", ylabel="loss")
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    ks = ["r1", "r5", "r10"]
+    for label, rep, style in (("zero-shot", zero, "--o"), ("fine-tuned", tuned, "-o")):
+        m = rep["metrics"]["itm_itc"]
+        ax.plot(ks, [m[f"txt_{k}"] for k in ks], style, label=f"{label} text retrieval")
+        ax.plot(ks, [m[f"img_{k}"] for k in ks], style, label=f"{label} image retrieval")
+    ax.plot(ks, [tuned["chance"][f"img_{k}"] for k in ks], ":k", label="chance (image retrieval)")
+    ax.set(title="test recall@K (itm_itc)", ylabel="recall %", ylim=(0, 100))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_report(layout: Layout, stages: Stages, steps: int, finetune_steps: int) -> dict:
+    t0 = time.perf_counter()
+    zero = json.loads(_eval_json(layout.pretrain).read_text())
+    tuned = json.loads(_eval_json(layout.finetune).read_text())
+    png = layout.root / "report.png"
+    _plot(layout, zero, tuned, png)
+    report_s = time.perf_counter() - t0
+    report = {
+        "metrics": {"zero_shot": zero["metrics"], "fine_tuned": tuned["metrics"]},
+        "chance": tuned["chance"],
+        # total = all stages (also those done by an earlier, interrupted run) + this run's report time
+        "wall_time_s": {**stages.wall_s, "report": report_s, "total": sum(stages.wall_s.values()) + report_s},
+        "skipped_stages": stages.skipped,
+        "settings": {
+            "pretrain_steps": steps,
+            "finetune_steps": finetune_steps,
+            "k_test": K_TEST,
+            "n_train": N_TRAIN,
+            "n_val": N_VAL,
+            "n_test": N_TEST,
+            "image_size": IMAGE_SIZE,
+            "pretrain_overrides": PRETRAIN_OVERRIDES,
+        },
+        "test_set": {"num_images": tuned["num_images"], "num_texts": tuned["num_texts"]},
+        "checkpoints": {"pretrain": str(layout.pretrain), "fine_tuned": str(tuned["checkpoint"])},
+        "eval_reports": {"zero_shot": str(_eval_json(layout.pretrain)), "fine_tuned": str(_eval_json(layout.finetune))},
+        "shards": {s: str(layout.data(s)) for s in ("train", "val", "test")},
+        "tensorboard_logdir": str(layout.root / "runs"),
+        "plot": str(png),
+    }
+    _write_json_atomic(layout.root / "report.json", report)
+    return report
+
+
+def _summary(report: dict, layout: Layout) -> None:
+    from pipeline.retrieval_report import format_table
+
+    _header("summary")
+    rows = {f"zero-shot {k}": v for k, v in report["metrics"]["zero_shot"].items()}
+    rows.update({f"fine-tuned {k}": v for k, v in report["metrics"]["fine_tuned"].items()})
+    rows["chance"] = report["chance"]
+    t = report["test_set"]
+    print(format_table(rows, f"held-out test: {t['num_images']} images x {t['num_texts']} captions, k_test {K_TEST}"))
+    walls = ", ".join(f"{k} {v:.0f} s" for k, v in report["wall_time_s"].items())
+    print(f"\nwall time: {walls}")
+    print(f"report:      {layout.root / 'report.json'}\nplot:        {report['plot']}")
+    print(f"checkpoints: {report['checkpoints']['pretrain']}, {report['checkpoints']['fine_tuned']}")
+    print(f"shards:      {layout.root / 'data'}")
+    print(f"TensorBoard: tensorboard --logdir {report['tensorboard_logdir']}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def run_demo(workdir: str = "albef_demo", steps: int | None = None, finetune_steps: int | None = None) -> int:
+    """Run (or resume) the whole demo in `workdir`; 0 on success, 1 if a stage failed, 130 on Ctrl-C.
+
+    Args:
+        steps: pretraining optimizer steps (default DEFAULT_PRETRAIN_STEPS).
+        finetune_steps: retrieval fine-tuning steps (default DEFAULT_FINETUNE_STEPS), split into
+            FT_VALIDATIONS epochs.
+    Changing the step counts of an existing workdir re-runs nothing that is marked done: use a new
+    workdir (or delete DIR/.stages) to start over.
+    """
+    steps = DEFAULT_PRETRAIN_STEPS if steps is None else int(steps)
+    finetune_steps = DEFAULT_FINETUNE_STEPS if finetune_steps is None else int(finetune_steps)
+    if steps < 1 or finetune_steps < 1:
+        print("error: --steps and --finetune_steps must be >= 1", file=sys.stderr)
+        return 2
+    layout = Layout(Path(workdir).resolve())
+    layout.root.mkdir(parents=True, exist_ok=True)
+    stages = Stages(layout)
+    try:
+        stages.run("synthesize", "1/7 synthetic image-caption set", lambda: _synthesize(layout))
+        stages.run("prep", "2/7 albef prep (img2dataset over HTTP on 127.0.0.1)", lambda: _prep(layout))
+        stages.run(
+            "pretrain", f"3/7 pretrain tiny ALBEF ({steps} steps, DeepSpeed, CPU)", lambda: _pretrain(layout, steps)
+        )
+        stages.run(
+            "eval_zero_shot",
+            "4/7 zero-shot retrieval on the held-out test split",
+            lambda: _evaluate(layout, layout.pretrain, layout.pretrain),
+        )
+        stages.run(
+            "finetune", f"5/7 fine-tune retrieval ({finetune_steps} steps)", lambda: _finetune(layout, finetune_steps)
+        )
+        stages.run(
+            "eval_fine_tuned",
+            "6/7 fine-tuned retrieval on the held-out test split",
+            lambda: _evaluate(layout, layout.finetune / "checkpoints" / "best", layout.finetune),
+        )
+        _header("7/7 report")
+        report = _write_report(layout, stages, steps, finetune_steps)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: completed stages are kept; run the same command again to resume ({layout.root})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
+    except StageFailed as err:
+        print(f"\ndemo failed: {err}; fix the cause and re-run to resume ({layout.root})", file=sys.stderr, flush=True)
+        return 1
+    _summary(report, layout)
+    return 0

@@ -1,0 +1,58 @@
+"""`albef demo` end to end with reduced steps: synthetic data -> HTTP -> img2dataset -> pretrain -> fine-tune -> eval."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo import run_demo
+
+STAGES = ("synthesize", "prep", "pretrain", "eval_zero_shot", "finetune", "eval_fine_tuned")
+SCORES = ("itc", "itm", "itm_itc")
+METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_and_resume(tmp_path: Path, capsys) -> None:
+    workdir = tmp_path / "demo"
+    assert run_demo(workdir=str(workdir), steps=40, finetune_steps=560) == 0
+    out = capsys.readouterr().out
+    report = json.loads((workdir / "report.json").read_text())
+
+    for which in ("zero_shot", "fine_tuned"):
+        metrics = report["metrics"][which]
+        assert set(metrics) == set(SCORES), which
+        for score in SCORES:
+            assert set(METRIC_KEYS) <= set(metrics[score]), (which, score)
+    chance = report["chance"]
+    assert 0 < chance["r_mean"] < 20 and set(METRIC_KEYS) <= set(chance)
+    assert set(STAGES) <= set(report["wall_time_s"]) and all(report["wall_time_s"][s] > 0 for s in STAGES)
+    tuned = report["metrics"]["fine_tuned"]["itm_itc"]
+    assert tuned["r_mean"] > chance["r_mean"], (tuned, chance)
+    print("\nzero-shot r_mean:", {k: round(v["r_mean"], 1) for k, v in report["metrics"]["zero_shot"].items()},
+          "\nfine-tuned r_mean:", {k: round(v["r_mean"], 1) for k, v in report["metrics"]["fine_tuned"].items()},
+          "\nchance r_mean:", round(chance["r_mean"], 1),
+          "\nwall s:", {k: round(v, 1) for k, v in report["wall_time_s"].items()})  # fmt: skip
+
+    # artifacts the summary points at
+    assert (workdir / "report.png").stat().st_size > 0
+    assert (workdir / "runs" / "finetune" / "checkpoints" / "best").is_dir()
+    assert json.loads((workdir / "data" / "test" / "manifest.json").read_text())["num_samples"] == 64
+    assert f"tensorboard --logdir {workdir.resolve() / 'runs'}" in out
+
+    # re-running resumes: every stage is skipped and the report is rewritten unchanged in metrics
+    assert run_demo(workdir=str(workdir), steps=40, finetune_steps=560) == 0
+    again = json.loads((workdir / "report.json").read_text())
+    assert again["skipped_stages"] == list(STAGES) and again["metrics"] == report["metrics"]
