@@ -5,7 +5,7 @@
 
 Both paths re-rank the same top-k candidates of the same encoded features (encoding is timed once,
 it is shared); the scores are checked to agree before the times are printed. Ours = many queries per
-fusion forward + captions in length buckets + last fusion layer for [CLS] only (pipeline/rerank.py,
+fusion forward + captions in length buckets + last fusion layer for [CLS] only (pipeline/retrieval/rerank.py,
 ALBEFRetrieval.itm_logits_cls); `--exact` keeps only the batching (bit-identical on the CPU).
 Data are random images and random token ids with caption lengths uniform in [6, seq_len]: the
 cost of re-ranking does not depend on the pixels.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import ALBEFConfig  # noqa: E402
 from model.retrieval import build_retrieval  # noqa: E402
-from pipeline.rerank import EncodedSplit, rerank_block, rerank_naive  # noqa: E402
+from pipeline.retrieval.rerank import EncodedSplit, rerank_block, rerank_naive  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

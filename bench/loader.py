@@ -31,8 +31,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data import build_train_loader
-from pipeline.text import build_tokenizer, bundled_vocab_path, pre_caption, tokenize
-from pipeline.transforms import EvalTransform, build_train_transform, limit_threads, normalize_images, open_image
+from pipeline.data.text import build_tokenizer, bundled_vocab_path, pre_caption, tokenize
+from pipeline.data.transforms import EvalTransform, build_train_transform, limit_threads, normalize_images, open_image
 
 
 def synthetic_jpeg(rng: np.random.Generator, size: int) -> bytes:

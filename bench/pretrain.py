@@ -78,12 +78,13 @@ class SyntheticBatches:
 
 def build(args: argparse.Namespace) -> tuple:
     """The real PretrainTask + Trainer (engine set up) and the batch iterator for this rank."""
-    from pipeline.config import PretrainConfig, load_config
-    from pipeline.distributed import dist_info_from_env, init_distributed
-    from pipeline.ds_config import build_ds_config, resolve_device
-    from pipeline.launch import setup_logging
-    from pipeline.stages.pretrain import PretrainTask
-    from pipeline.trainer import Trainer
+    from pipeline.config import load_config
+    from pipeline.runtime.distributed import dist_info_from_env, init_distributed
+    from pipeline.runtime.ds_config import build_ds_config, resolve_device
+    from pipeline.runtime.logs import setup_logging
+    from pipeline.stages.pretrain import PretrainConfig, PretrainTask
+    from pipeline.train.geometry import derive_geometry
+    from pipeline.train.trainer import Trainer
 
     data = args.data if args.data != "synthetic" else "/unused"
     overrides = {"data.train": f"[{data}]", "model.image_res": args.image_res, "train.batch_size": args.batch_size}
@@ -95,13 +96,19 @@ def build(args: argparse.Namespace) -> tuple:
     info = dist_info_from_env()
     setup_logging(info.rank)
     device = resolve_device(cfg.train.device)
-    ds = build_ds_config(
-        cfg.deepspeed.config, train=cfg.train, optim=cfg.optim, world_size=info.world_size, device=device
-    )
-    init_distributed(info, device)
-    task = PretrainTask(cfg, info)
+    task = PretrainTask(cfg)
     if args.data == "synthetic":
         task.samples_per_epoch = lambda: 10**6  # type: ignore[method-assign]
+    geometry = derive_geometry(
+        cfg.train,
+        cfg.optim,
+        world_size=info.world_size,
+        samples_per_epoch=task.samples_per_epoch(),
+        queue_size=task.queue_size(),
+    )
+    ds = build_ds_config(cfg.deepspeed.config, geometry=geometry, optim=cfg.optim, device=device)
+    init_distributed(info, device)
+    if args.data == "synthetic":
         batches = iter(SyntheticBatches(cfg.train.batch_size, cfg.model.image_res, args.text_len, seed=info.rank))
     else:
         batches = iter(
@@ -116,6 +123,7 @@ def build(args: argparse.Namespace) -> tuple:
         dist_info=info,
         device=device,
         run_dir=Path("/tmp/albef_bench"),
+        geometry=geometry,
     )
     trainer.setup()
     return cfg, info, device, task, trainer, batches
@@ -125,7 +133,7 @@ def run_rank(args: argparse.Namespace) -> dict:
     """One rank: time `args.steps` optimizer steps after `args.warmup`, report throughput and memory."""
     import torch
 
-    from pipeline.stages.pretrain import build_model_config
+    from pipeline.config import build_model_config
 
     cfg, info, device, task, trainer, batches = build(args)
     last: dict[str, float] = {}
@@ -162,7 +170,7 @@ def run_rank(args: argparse.Namespace) -> dict:
         "loss_scale": trainer.loss_scale(), "skipped_steps": int(trainer.engine.skipped_steps), "loss": last.get("loss"),
     }  # fmt: skip
     if args.peak_tflops:
-        achieved = flops_per_image(build_model_config(cfg), args.text_len) * images / elapsed
+        achieved = flops_per_image(build_model_config(cfg.model, cfg.train.seed), args.text_len) * images / elapsed
         result["mfu"] = achieved / (args.peak_tflops * 1e12 * info.world_size)
     return result
 

@@ -23,6 +23,7 @@ from data_prep.records import SourceRows
 
 logger = logging.getLogger(__name__)
 
+MANIFEST_NAME = "manifest.json"  # in every prep output folder, beside img2dataset's shards/
 FORMAT_VERSION = 1
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count default: shard names 00000.tar, 00001.tar, ...
 MAX_REASONS = 50  # distinct failure reasons kept; the rest are summed under "other"

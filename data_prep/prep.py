@@ -23,7 +23,7 @@ from typing import Any
 
 from data_prep.errors import PrepError, PrepInputError, PrepOptionsError
 from data_prep.img2ds import download_kwargs, read_fingerprint, rows_fingerprint, run_img2dataset, write_input_parquet
-from data_prep.manifest import build_manifest, shard_name, write_json_atomic
+from data_prep.manifest import MANIFEST_NAME, build_manifest, shard_name, write_json_atomic
 from data_prep.options import PrepOptions, parse_options
 from data_prep.sources import READERS
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 INPUT_PARQUET = "img2dataset_input.parquet"
 SHARDS_DIR = "shards"
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_NAME
 
 
 def run_prep(source: str, input: str | None = None, output: str | None = None, **options: Any) -> int:  # noqa: A002

@@ -343,7 +343,7 @@ class ALBEF(nn.Module):
 
 
 def build_albef(config: ALBEFConfig) -> ALBEF:
-    """Assemble the pretraining model from a config (random init; load weights with pipeline/weights.py)."""
+    """Assemble the pretraining model from a config (random init; load weights with pipeline/weights/init.py)."""
     model = ALBEF(config, build_vision_encoder(config.vision), build_text_encoder(config.text))
     n_train = sum(p.numel() for p in model.parameters())
     logger.info("built ALBEF: %.1fM trainable parameters", n_train / 1e6)

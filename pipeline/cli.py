@@ -37,14 +37,14 @@ class Slurm:
 
     def submit(self, stages: str = "prep,pretrain,finetune,eval", config: str | None = None, dry_run: bool = False, **overrides: Any) -> int:
         """Submit the stages chained with --dependency=afterok (--dry_run prints the sbatch lines)."""
-        from pipeline.slurm_submit import submit_command
+        from pipeline.slurm.submit import submit_command
 
         stage_list = stages.split(",") if isinstance(stages, str) else list(stages)
         return submit_command(stage_list, config, dry_run, overrides)
 
     def status(self, run_dir: str, wait: bool = False) -> int:
         """Final states of a submitted chain (failed job + its log, dependents that never ran)."""
-        from pipeline.slurm_submit import status_command
+        from pipeline.slurm.submit import status_command
 
         return status_command(run_dir, wait)
 
@@ -71,7 +71,7 @@ class CLI:
 
     def export(self, checkpoint: str, output: str, layout: str = "ours") -> str:
         """Write one consolidated {'model': state_dict} file (our layout or the official one)."""
-        from pipeline.export import export
+        from pipeline.weights.export import export
 
         return export(checkpoint=checkpoint, output=output, layout=layout)
 

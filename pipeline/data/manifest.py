@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME
+from pipeline.config import check
+
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -122,13 +123,11 @@ def shard_distribution(sources: Sequence[Source]) -> tuple[list[Shard], list[flo
     return shards, probs
 
 
-def total_samples(sources: Sequence[Source]) -> int:
-    return sum(s.num_samples for s in sources)
-
-
-def steps_per_epoch(sources: Sequence[Source], batch_size: int, world_size: int) -> int:
-    """Optimizer-free epoch length: full global batches (batch_size per rank x world_size) per pass."""
-    steps = total_samples(sources) // (batch_size * world_size)
-    if steps < 1:
-        raise ValueError(f"{total_samples(sources)} samples are fewer than one global batch of {batch_size * world_size}")
-    return steps
+def check_prep_folders(folders: Sequence[tuple[str, str | Path]]) -> None:
+    """Each (config key, folder) is an `albef prep` output (holds a manifest); ConfigError naming the key."""
+    for key, folder in folders:
+        check(
+            (Path(folder) / MANIFEST_NAME).is_file() or Path(folder).is_file(),
+            key,
+            f"no {MANIFEST_NAME} in {folder} (expected an `albef prep` output folder)",
+        )

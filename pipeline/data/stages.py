@@ -18,19 +18,15 @@ import torch
 import webdataset as wds
 
 from pipeline.data.manifest import Shard
-from pipeline.text import pre_caption, tokenize
-from pipeline.transforms import normalize_images, open_image
+from pipeline.runtime.seeds import derive_seed
+from pipeline.data.text import pre_caption, tokenize
+from pipeline.data.transforms import normalize_images, open_image
 
 logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _LOG_FIRST = 5  # per reason and worker, then one line every _LOG_EVERY
 _LOG_EVERY = 1000
-
-
-def derive_seed(*parts: int) -> int:
-    """Well-mixed 64-bit seed from integers (seed, segment, rank, slot, stream...)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0])
 
 
 def stable_id(source: int, image_id: str) -> int:

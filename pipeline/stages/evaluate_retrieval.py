@@ -3,360 +3,42 @@
     albef evaluate retrieval --checkpoint runs/coco --data /data/shards/coco_test --output_dir runs/coco \
         [--k_test 256] [--image_res=384 --precision=fp16 --pairs_per_batch=2048 ...]
 
-CKPT is a run folder (its latest checkpoint), a DeepSpeed tag folder, an exported `{'model': sd}`
-file or an official ALBEF .pth (pretraining or fine-tuned layout): evaluating a pretraining
-checkpoint is the zero-shot evaluation. DATA is an `albef prep ... --split test` output folder.
-
-Every rank encodes the whole split (so all ranks hold the same features; the split is small next
-to the re-ranking), then re-ranks its contiguous block of query rows; the blocks are all-gathered
-(pipeline/rerank.py). Images are put in (source, key) order whatever the loader's worker
-interleaving, so the numbers do not depend on num_workers or world size.
+CKPT is a run folder (its latest checkpoint), a DeepSpeed tag folder, an exported file or an
+official ALBEF .pth (pretraining or fine-tuned layout): evaluating a pretraining checkpoint is the
+zero-shot evaluation. DATA is an `albef prep ... --split test` output folder. The evaluation itself
+is pipeline/retrieval/evaluate.py.
 
 Writes DIR/eval/retrieval_<dataset>_<split>.{json,png}, scalars under DIR/tensorboard, and prints a
-table. The same `evaluate_model` runs as the per-epoch validation of retrieval fine-tuning.
+table.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ConfigError, check, from_dict, resolve_path, to_dict
+from pipeline.config import ConfigError, check, resolve_path, to_dict
+from pipeline.data import read_manifest
+from pipeline.retrieval.evaluate import SCORES, eval_dtype, evaluate_model, load_eval_config, load_eval_model
+from pipeline.retrieval.report import format_table, plot_recall, report_stem, tensorboard_scalars
+from pipeline.runtime.distributed import dist_info_from_env, init_distributed
+from pipeline.runtime.ds_config import resolve_device
+from pipeline.runtime.exit_codes import CONFIG_ERROR_EXIT_CODE
+from pipeline.runtime.io import torch_save_atomic, write_json_atomic
+from pipeline.runtime.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
-SCORES = ("itc", "itm", "itm_itc")
-CURVE_KS = (1, 2, 5, 10, 20, 50, 100)  # recall@K plot; K beyond k_test is dropped (ITM leaves those unscored)
-
-
-@dataclass
-class EvalConfig:
-    """Retrieval evaluation knobs (`--name=value` on the command line, `eval.*` in fine-tuning YAML).
-
-    During fine-tuning's validation the model is already in memory: image_res, preset, precision,
-    device, dataset and save_scores apply to `albef evaluate retrieval` only.
-    """
-
-    k_test: int = 256  # candidates re-ranked by ITM per query (paper: COCO 256, Flickr 128)
-    image_batch_size: int = 64  # images per encoder forward
-    text_batch_size: int = 256  # captions per encoder forward
-    pairs_per_batch: int = 1024  # (query, candidate) pairs per fusion forward (memory knob)
-    max_words: int = 30  # pre_caption word cut
-    max_tokens: int = 30  # tokenizer max length (official eval: 30)
-    num_workers: int = 4  # loader worker processes
-    image_res: int | None = None  # px; None = the checkpoint's model resolution (pos-embed resampled otherwise)
-    preset: Literal["auto", "tiny", "base"] = "auto"  # model size when the checkpoint carries no config
-    precision: Precision = "auto"  # auto = fp16 on a GPU, fp32 on the CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    vocab: str | None = None  # bert-base-uncased vocab.txt; None = the bundled one
-    score_for_best: Literal["itc", "itm", "itm_itc"] = "itm"  # whose r_mean fine-tuning keeps as `best`
-    dataset: str | None = None  # name in the output file; None = the manifest's `source`
-    save_scores: bool = False  # also write the score matrices (DIR/eval/<stem>_scores.pt) for analysis
-    exact: bool = False  # True: the official loop's arithmetic (captions padded to one length, full last
-    # fusion layer), bit-identical on the CPU; False: length buckets + [CLS]-only last layer (~1e-7 off)
-
-    def validate(self, prefix: str = "") -> None:
-        p = f"{prefix}." if prefix else ""
-        for name in ("k_test", "image_batch_size", "text_batch_size", "pairs_per_batch", "max_words"):
-            check(getattr(self, name) >= 1, f"{p}{name}", f"must be >= 1, got {getattr(self, name)}")
-        check(self.max_tokens >= 3, f"{p}max_tokens", f"must be >= 3 ([CLS] x [SEP]), got {self.max_tokens}")
-        check(self.num_workers >= 0, f"{p}num_workers", f"must be >= 0, got {self.num_workers}")
-        check(
-            self.image_res is None or (self.image_res >= 16 and self.image_res % 16 == 0),
-            f"{p}image_res",
-            f"must be a positive multiple of the patch size 16, got {self.image_res}",
-        )
-        check(self.vocab is None or Path(self.vocab).is_file(), f"{p}vocab", f"file not found: {self.vocab}")
-
-
-def load_eval_config(k_test: int | None, overrides: Mapping[str, Any] | None) -> EvalConfig:
-    """EvalConfig from flat CLI overrides (`eval.` prefixes accepted); unknown keys raise ConfigError."""
-    data = {str(k).replace("-", "_").removeprefix("eval."): v for k, v in (overrides or {}).items()}
-    data.pop("local_rank", None)  # added by the `deepspeed` launcher
-    if k_test is not None:
-        data["k_test"] = k_test
-    cfg = from_dict(EvalConfig, data)
-    cfg.validate()
-    return cfg
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints -> model
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedCheckpoint:
-    state_dict: dict[str, torch.Tensor]
-    model_config: dict[str, Any] | None  # ALBEFConfig.to_dict() when the checkpoint carries it
-    step: int | None  # optimizer step when known
-    kind: str  # "deepspeed" | "file"
-
-
-def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """A run/tag folder (DeepSpeed) or a `.pth`/`.pt`/`.safetensors` file -> state dict + metadata."""
-    p = Path(path)
-    if p.is_dir():
-        from pipeline import checkpoint as ckpt
-        from pipeline.export import load_deepspeed_state
-
-        state, client = load_deepspeed_state(p)  # fp32 master weights when the run trained in fp16/bf16
-        step = (client.get("run") or {}).get("step", ckpt.step_of(ckpt.locate(p)[1]))
-        return LoadedCheckpoint(state, client.get("model_config"), step, "deepspeed")
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p} (expected a run folder, a tag folder or a file)")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return LoadedCheckpoint(load_file(str(p), device="cpu"), None, None, "file")
-    try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling refusal is reported the same way
-        raise ValueError(f"{p}: cannot read as a weights-only torch file ({err})") from err
-    sd = raw.get("model", raw) if isinstance(raw, dict) else None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{p}: expected a state dict or {{'model': state_dict}}")
-    meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}  # written by `albef export`
-    step = meta.get("step") if isinstance(meta.get("step"), int) else None
-    return LoadedCheckpoint(
-        {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, raw.get("model_config"), step, "file"
-    )
-
-
-def infer_model_config(loaded: LoadedCheckpoint, preset: str, image_res: int | None) -> Any:
-    """The checkpoint's own ALBEFConfig, else a preset chosen by `preset` or by the ViT width."""
-    from model.config import ALBEFConfig, config_from_dict
-
-    if loaded.model_config is not None and preset == "auto":
-        cfg = config_from_dict(dict(loaded.model_config))
-    else:
-        if preset == "auto":
-            width = loaded.state_dict.get("visual_encoder.cls_token", torch.empty(0, 0, 0)).shape[-1]
-            presets = {768: "base", 64: "tiny"}
-            if width not in presets:
-                raise ConfigError(
-                    "preset",
-                    f"the checkpoint carries no model config and its ViT width {width} "
-                    "matches no preset; pass --preset=tiny|base",
-                )
-            preset = presets[width]
-        queue = loaded.state_dict.get("image_queue")
-        kwargs: dict[str, Any] = {}
-        if queue is not None:
-            kwargs = {"embed_dim": int(queue.shape[0]), "queue_size": int(queue.shape[1])}
-        cfg = (ALBEFConfig.tiny if preset == "tiny" else ALBEFConfig.base)(image_size=image_res or 384, **kwargs)
-    if image_res is not None and image_res != cfg.vision.image_size:
-        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=image_res))
-    return cfg
-
-
-def load_eval_model(path: str | Path, cfg: EvalConfig, device: torch.device) -> tuple[Any, LoadedCheckpoint]:
-    """Retrieval model with the checkpoint's weights (any supported layout), eval mode, on `device`."""
-    from model.retrieval import build_retrieval, load_retrieval_state
-
-    loaded = read_checkpoint(path)
-    model_cfg = infer_model_config(loaded, cfg.preset, cfg.image_res)
-    model = build_retrieval(model_cfg)
-    load_retrieval_state(model, loaded.state_dict)  # logs what was mapped, skipped, interpolated
-    return model.to(device=device, dtype=eval_dtype(cfg.precision, device)).eval(), loaded
-
-
-def eval_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("precision", "fp16 is not supported for CPU evaluation; use fp32 or bf16")
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoding and scoring
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalSplit:
-    """Encoded split + its index maps."""
-
-    encoded: Any  # pipeline.rerank.EncodedSplit
-    img2txt: list[list[int]]
-    txt2img: torch.Tensor
-    bad_samples: int
-
-
-@torch.no_grad()
-def encode_split(model: Any, data: str | Path, cfg: EvalConfig, device: torch.device, tokenizer: Any) -> EvalSplit:
-    """Encode every image (once) and every caption of `data` (one `albef prep` output folder)."""
-    from pipeline.data import build_eval_loader, caption_index
-    from pipeline.rerank import EncodedSplit
-    from pipeline.text import tokenize
-
-    res = model.config.vision.image_size
-    loader = build_eval_loader(
-        [data], batch_size=cfg.image_batch_size, num_workers=cfg.num_workers, image_res=res, max_words=cfg.max_words
-    )
-    order: list[tuple[int, str]] = []
-    captions: list[list[str]] = []
-    embeds, feats, bad = [], [], 0
-    for batch in loader:
-        image_embeds, image_feat = model.encode_image(batch["image"].to(device, non_blocking=True))
-        embeds.append(image_embeds)
-        feats.append(image_feat)
-        order += list(zip(batch["source"].tolist(), batch["key"]))
-        captions += [[c for c in caps if c] for caps in batch["captions"]]
-        bad += sum(batch.get("bad_samples", {}).values())
-    if not order:
-        raise ValueError(f"{data}: no decodable image in the eval shards")
-    perm = sorted(range(len(order)), key=order.__getitem__)  # (source, key): independent of worker interleaving
-    index = torch.tensor(perm, device=device)
-    idx = caption_index([captions[i] for i in perm])
-    input_ids, mask = tokenize(tokenizer, idx.texts, cfg.max_tokens, padding="longest")  # one L for all
-    hidden, text_feat = [], []
-    for s in range(0, len(idx.texts), cfg.text_batch_size):
-        h, f = model.encode_text(
-            input_ids[s : s + cfg.text_batch_size].to(device), mask[s : s + cfg.text_batch_size].to(device)
-        )
-        hidden.append(h)
-        text_feat.append(f)
-    encoded = EncodedSplit(
-        torch.cat(embeds)[index], torch.cat(feats)[index], torch.cat(hidden), mask.to(device), torch.cat(text_feat)
-    )
-    logger.info("encoded %d images, %d captions (%d bad samples skipped)", len(perm), len(idx.texts), bad)
-    return EvalSplit(encoded, idx.img2txt, idx.txt2img, bad)
-
-
-@torch.no_grad()
-def score_split(
-    model: Any, split: EvalSplit, cfg: EvalConfig, rank: int, world_size: int
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The three score-matrix pairs (collective when world_size > 1)."""
-    from pipeline.rerank import score_matrices
-
-    logits = model.itm_logits if cfg.exact else model.itm_logits_cls
-
-    def itm_fn(image_embeds: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        return logits(text_hidden, text_mask, image_embeds)
-
-    return score_matrices(
-        split.encoded,
-        cfg.k_test,
-        itm_fn,
-        rank=rank,
-        world_size=world_size,
-        pairs_per_batch=cfg.pairs_per_batch,
-        trim_padding=not cfg.exact,
-    )
-
-
-def metrics_from_scores(
-    scores: Mapping[str, tuple[torch.Tensor, torch.Tensor]], split: EvalSplit, curve_ks: tuple[int, ...] = CURVE_KS
-) -> tuple[dict, dict]:
-    """(metrics per score incl. chance, recall curves per score incl. chance)."""
-    from pipeline.retrieval_metrics import chance_metrics, recall_curves, retrieval_metrics
-
-    n_img, n_txt = len(split.img2txt), len(split.txt2img)
-    metrics = {name: retrieval_metrics(i2t, t2i, split.img2txt, split.txt2img) for name, (i2t, t2i) in scores.items()}
-    curves = {
-        name: recall_curves(i2t, t2i, split.img2txt, split.txt2img, curve_ks) for name, (i2t, t2i) in scores.items()
-    }
-    chance = chance_metrics(split.img2txt, n_txt, curve_ks)
-    curves["chance"] = {
-        "txt": {k: chance[f"txt_r{k}"] for k in curve_ks},
-        "img": {k: chance[f"img_r{k}"] for k in curve_ks},
-    }
-    metrics["chance"] = chance_metrics(split.img2txt, n_txt)
-    logger.debug("scored %d images x %d captions", n_img, n_txt)
-    return metrics, curves
-
-
-def evaluate_model(
-    model: Any,
-    data: str | Path,
-    cfg: EvalConfig,
-    device: torch.device,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    tokenizer: Any = None,
-) -> dict[str, Any]:
-    """Encode, re-rank and score `data` with an in-memory model; every rank gets the same result.
-
-    Returns {"metrics": {score: {...}}, "curves": ..., "num_images", "num_texts", "bad_samples", "timings"}.
-    The model is put in eval mode and restored to its previous mode afterwards.
-    """
-    from pipeline.text import build_tokenizer, bundled_vocab_path
-
-    tokenizer = tokenizer or build_tokenizer(cfg.vocab or bundled_vocab_path())
-    was_training = model.training
-    model.eval()
-    try:
-        t0 = time.perf_counter()
-        split = encode_split(model, data, cfg, device, tokenizer)
-        t1 = time.perf_counter()
-        scores = score_split(model, split, cfg, rank, world_size)
-        t2 = time.perf_counter()
-    finally:
-        model.train(was_training)
-    metrics, curves = metrics_from_scores(scores, split, tuple(k for k in CURVE_KS if k <= max(cfg.k_test, 10)))
-    return {
-        "metrics": metrics,
-        "curves": curves,
-        "scores": scores,
-        "num_images": len(split.img2txt),
-        "num_texts": len(split.txt2img),
-        "bad_samples": split.bad_samples,
-        "timings": {"encode_s": t1 - t0, "rerank_s": t2 - t1},
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# The stage
-# --------------------------------------------------------------------------------------------------
-
-
-def _init_process_group(device: torch.device) -> tuple[int, int]:
-    """(rank, world) from the launcher env; starts a process group when needed (no DeepSpeed)."""
-    from pipeline.distributed import dist_info_from_env, export_env
-
-    info = dist_info_from_env()
-    if info.world_size > 1 and not dist.is_initialized():
-        export_env(info)
-        if device.type == "cuda":
-            torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            rank=info.rank,
-            world_size=info.world_size,
-            timeout=datetime.timedelta(minutes=60),
-        )
-    return info.rank, info.world_size
-
-
-def _device(requested: str) -> torch.device:
-    from pipeline.ds_config import resolve_device
-
-    kind = resolve_device(requested)
-    if kind == "cuda":
-        import os
-
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
 
 def _save_scores(path: Path, scores: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({f"{name}_{side}": m for name, pair in scores.items() for side, m in zip(("i2t", "t2i"), pair)}, tmp)
-    tmp.replace(path)
+    torch_save_atomic(path, {f"{name}_{side}": m for name, pair in scores.items() for side, m in zip(("i2t", "t2i"), pair)})
 
 
 def evaluate_retrieval(
@@ -367,24 +49,24 @@ def evaluate_retrieval(
     A bad option or a missing input is logged as one line naming the key and exits with code 2
     (as the training stages), before any model is built.
     """
-    from pipeline.data import read_manifest
-    from pipeline.launch import CONFIG_ERROR_EXIT_CODE, setup_logging
-    from pipeline.retrieval_report import format_table, plot_recall, report_stem, tensorboard_scalars, write_json_atomic
-
     t_start = time.perf_counter()
+    info = dist_info_from_env()
+    setup_logging(info.rank)
     try:
         cfg = load_eval_config(k_test, overrides)
         check(resolve_path(data) is not None, "data", f"eval data not found: {data}")
         check(Path(checkpoint).exists(), "checkpoint", f"not found: {checkpoint}")
-        device = _device(cfg.device)
-        eval_dtype(cfg.precision, device)  # fp16 on the CPU is refused here, before any work
+        kind = resolve_device(cfg.device)
+        eval_dtype(cfg.precision, torch.device(kind))  # fp16 on the CPU is refused here, before any work
+        try:
+            manifest = read_manifest(data)
+        except (OSError, ValueError) as err:
+            raise ConfigError("data", str(err)) from None
     except ConfigError as err:
-        setup_logging(0)
         logger.error("%s", err)
         raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
-    manifest = read_manifest(data)
-    rank, world = _init_process_group(device)
-    setup_logging(rank)
+    device = init_distributed(info, kind, timeout_s=3600.0, group_of_one=False)
+    rank, world = info.rank, info.world_size
     model, loaded = load_eval_model(checkpoint, cfg, device)
     result = evaluate_model(model, data, cfg, device, rank=rank, world_size=world)
     dataset, split = cfg.dataset or str(manifest.get("source", Path(data).name)), manifest.get("split")

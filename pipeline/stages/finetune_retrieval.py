@@ -8,11 +8,11 @@ ours, an exported file, or an official ALBEF_4M.pth; position embeddings are res
 `model.image_res` (384 in the paper). `--resume` continues THIS run (DeepSpeed checkpoints in
 DIR/checkpoints), in which case the initial checkpoint only fixes the architecture.
 
-What differs from pretraining lives in `RetrievalTask` (pipeline/task.py explains the interface):
-the model (model/retrieval.py), the batch -> model call with the image ids, the enqueue of ids,
-the epoch size and the per-epoch validation (the retrieval evaluation on `data.val`), whose
-r_mean of `eval.score_for_best` selects the `best` checkpoint tag. The loop, DeepSpeed, resume,
-preemption and TensorBoard are the pretraining ones.
+What differs from pretraining lives in `RetrievalTask` (an AlbefTask, pipeline/train/albef_task.py):
+the model (model/retrieval.py), the batch -> model inputs with the image ids, the epoch size and
+the per-epoch validation (pipeline/retrieval/evaluate.py on `data.val`), whose r_mean of
+`eval.score_for_best` selects the `best` checkpoint tag. The loop, DeepSpeed, the queue update,
+resume, preemption and TensorBoard are the pretraining ones.
 
 Epoch size: the official fine-tuning visits every (image, caption) pair once per epoch; our loader
 yields an image with one of its captions drawn at random, so an epoch is sized to the number of
@@ -21,13 +21,15 @@ captions of the manifests (data.samples_per_epoch overrides it) and the step cou
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from model.retrieval import build_retrieval, load_retrieval_state
 from pipeline.config import (
     ConfigError,
     DataConfig,
@@ -40,13 +42,13 @@ from pipeline.config import (
     load_config,
     validate_sections,
 )
-from pipeline.distributed import DistInfo
-from pipeline.launch import CONFIG_ERROR_EXIT_CODE, run_training, setup_logging, strip_launcher_keys
-from pipeline.schedule import alpha_at
-from pipeline.stages.evaluate_retrieval import EvalConfig
-from pipeline.task import StepContext, StepOutput, TrainTask, config_train_loader
-
-logger = logging.getLogger(__name__)
+from pipeline.data import check_prep_folders
+from pipeline.retrieval.evaluate import EvalConfig, evaluate_model
+from pipeline.runtime.distributed import DistInfo
+from pipeline.runtime.io import LoadedCheckpoint, read_checkpoint
+from pipeline.train.albef_task import AlbefTask, batch_tensors
+from pipeline.train.launch import config_error_exit, run_training, strip_launcher_keys
+from pipeline.train.task import StepContext
 
 
 @dataclass
@@ -104,116 +106,52 @@ class RetrievalConfig:
             )
 
 
-def build_model_config(cfg: RetrievalConfig) -> Any:
-    """ALBEFConfig from the `model` section; the checkpoint's tensors must fit it (else a loud error)."""
-    from model.config import ALBEFConfig
-
-    m = cfg.model
-    preset = ALBEFConfig.tiny if m.preset == "tiny" else ALBEFConfig.base
-    return preset(
-        image_size=m.image_res,
-        embed_dim=m.embed_dim,
-        queue_size=m.queue_size,
-        momentum=m.momentum,
-        temp=m.temp,
-        mlm_probability=m.mlm_probability,
-        queue_seed=cfg.train.seed,
-    )
-
-
-def check_runtime(checkpoint: str):
-    """The stage's checks that need the world size or the file system (ConfigError naming the key)."""
+def check_runtime(checkpoint: str) -> Callable[[RetrievalConfig, DistInfo, str], None]:
+    """The stage's checks that need the file system (ConfigError naming the key)."""
 
     def _check(cfg: RetrievalConfig, info: DistInfo, device: str) -> None:
-        gathered = cfg.train.batch_size * info.world_size
-        check(
-            cfg.model.queue_size % gathered == 0,
-            "model.queue_size",
-            f"{cfg.model.queue_size} is not a multiple of train.batch_size x world size = {gathered}",
-        )
         check(Path(checkpoint).exists(), "checkpoint", f"not found: {checkpoint}")
         folders = [(f"data.train[{i}]", f) for i, f in enumerate(cfg.data.train)]
-        for key, folder in folders + ([("data.val", cfg.data.val)] if cfg.data.val is not None else []):
-            check(
-                (Path(folder) / "manifest.json").is_file() or Path(folder).is_file(),
-                key,
-                f"no manifest.json in {folder} (expected an `albef prep` output folder)",
-            )
+        check_prep_folders(folders + ([("data.val", cfg.data.val)] if cfg.data.val is not None else []))
 
     return _check
 
 
-class RetrievalTask(TrainTask):
-    """Retrieval fine-tuning: EMA before each optimizer step, enqueue features + ids after each micro-batch."""
+class RetrievalTask(AlbefTask):
+    """Retrieval fine-tuning: ITC with image-id positives + ITM, validated by retrieval recall."""
 
     name = "finetune_retrieval"
     best_metric = "r_mean"
+    finetune = True
+    # The official fine-tuning visits every (image, caption) pair once per epoch; our loader yields an
+    # image with one caption drawn at random, so an epoch is sized in captions and step counts match.
+    epoch_counts = "captions"
 
-    def __init__(self, cfg: RetrievalConfig, info: DistInfo, checkpoint: str) -> None:
-        from pipeline.text import build_tokenizer, bundled_vocab_path
+    def __init__(self, cfg: RetrievalConfig, checkpoint: str) -> None:
+        super().__init__(cfg)
+        self.checkpoint = checkpoint
+        self._loaded: LoadedCheckpoint | None = None
 
-        self.cfg, self.info, self.checkpoint = cfg, info, checkpoint
-        self.tokenizer = build_tokenizer(cfg.data.vocab or bundled_vocab_path())
-        self._samples: int | None = None
+    def initial_weights(self) -> LoadedCheckpoint:
+        """The checkpoint to start from, read once (weights-only)."""
+        if self._loaded is None:
+            self._loaded = read_checkpoint(self.checkpoint)
+        return self._loaded
 
     def build_model(self) -> nn.Module:
-        from model.retrieval import build_retrieval, load_retrieval_state
-        from pipeline.stages.evaluate_retrieval import read_checkpoint
-
-        model = build_retrieval(build_model_config(self.cfg))
-        load_retrieval_state(model, read_checkpoint(self.checkpoint).state_dict)  # logs what it mapped/skipped
+        model = build_retrieval(self.model_config())
+        load_retrieval_state(model, self.initial_weights().state_dict)  # logs what it mapped/skipped
         return model
 
-    def samples_per_epoch(self) -> int:
-        if self._samples is None:
-            from pipeline.data import load_sources
-
-            d = self.cfg.data
-            self._samples = d.samples_per_epoch or sum(s.num_captions for s in load_sources(d.train, d.weights))
-        return self._samples
-
-    def train_batches(self, *, start_micro_step: int, segment_steps: int, rank: int, world_size: int):
-        return config_train_loader(
-            self.cfg, self.tokenizer, start_micro_step=start_micro_step, segment_steps=segment_steps,
-            rank=rank, world_size=world_size, finetune=True,
-        )
-
-    def begin_step(self, model: nn.Module, ctx: StepContext) -> None:
-        model.momentum_update()  # once per optimizer step, before the forward (official order)
-
-    def forward(self, engine: Any, batch: dict, ctx: StepContext) -> StepOutput:
-        dev = ctx.device
-        image = batch["image"].to(dev, non_blocking=True)
-        input_ids = batch["input_ids"].to(dev, non_blocking=True)
-        attention_mask = batch["attention_mask"].to(dev, non_blocking=True)
-        idx = batch["image_idx"].to(dev, non_blocking=True)  # stable id of (source, image_id)
-        ramp = round(self.cfg.train.alpha_ramp_epochs * ctx.steps_per_epoch)
-        alpha = alpha_at(ctx.step, alpha=self.cfg.train.alpha, ramp_steps=ramp)
-        out = engine(image, input_ids, attention_mask, idx, alpha)
-        scalars = {
-            "loss_itc": out.itc_loss,
-            "loss_itm": out.itm_loss,
-            "itc_acc": out.itc_acc,
-            "itm_acc": out.itm_acc,
-            "temp": out.temp,
-            "alpha": alpha,
-        }
-        return StepOutput(loss=out.loss, scalars=scalars, num_samples=int(image.shape[0]), extra=out)
-
-    def end_micro_step(self, model: nn.Module, output: StepOutput, ctx: StepContext) -> None:
-        from model.distributed import all_gather_no_grad
-
-        out = output.extra
-        model.enqueue(
-            all_gather_no_grad(out.image_feat_m), all_gather_no_grad(out.text_feat_m), all_gather_no_grad(out.idx)
-        )
+    def model_inputs(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        inputs = batch_tensors(batch, device, ("image", "input_ids", "attention_mask"))
+        inputs["idx"] = batch["image_idx"].to(device, non_blocking=True)  # stable id of (source, image_id)
+        return inputs
 
     def validate(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         """Retrieval on `data.val` (collective); `r_mean` = that of eval.score_for_best."""
         if self.cfg.data.val is None:
             return {}
-        from pipeline.stages.evaluate_retrieval import evaluate_model
-
         result = evaluate_model(
             model,
             self.cfg.data.val,
@@ -232,9 +170,6 @@ class RetrievalTask(TrainTask):
         flat["r_mean"] = result["metrics"][self.cfg.eval.score_for_best]["r_mean"]
         return flat
 
-    def export_extra(self) -> dict[str, Any]:
-        return {"model_config": build_model_config(self.cfg).to_dict()}
-
 
 def finetune_retrieval(
     config: str, checkpoint: str, output_dir: str, resume: str = "auto", overrides: dict[str, Any] | None = None
@@ -243,13 +178,7 @@ def finetune_retrieval(
     try:
         cfg = load_config(RetrievalConfig, config, strip_launcher_keys(overrides))
     except ConfigError as err:
-        setup_logging(0)
-        logger.error("%s", err)
-        return CONFIG_ERROR_EXIT_CODE
+        return config_error_exit(err)
     return run_training(
-        cfg,
-        output_dir,
-        resume,
-        make_task=lambda info, device: RetrievalTask(cfg, info, checkpoint),
-        check=check_runtime(checkpoint),
+        cfg, output_dir, resume, make_task=lambda info: RetrievalTask(cfg, checkpoint), check=check_runtime(checkpoint)
     )

@@ -11,7 +11,7 @@ from albef_testutils import load_oracle_model
 
 from model import ALBEFConfig, TextConfig, VisionConfig, build_albef
 from model.convert import expected_shapes, from_official, to_official
-from pipeline.weights import load_official_checkpoint
+from pipeline.weights.init import load_official_checkpoint
 
 BASE_KEYS = "official_base_keys.txt"
 SHARED_FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"  # beside the checkout

@@ -14,7 +14,7 @@ from torch import nn
 from model import ALBEFConfig, TextConfig, VisionConfig, build_albef
 from model.convert import text_from_hf_bert, vision_from_timm
 from model.vision import VisionEncoder
-from pipeline.weights import WeightLoadError, init_from_pretrained, load_text_init, load_vision_init
+from pipeline.weights.init import WeightLoadError, init_from_pretrained, load_text_init, load_vision_init
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,16 @@ import pytest
 from pipeline.config import (
     CONFIG_DIR,
     ConfigError,
-    PretrainConfig,
     apply_overrides,
+    build_model_config,
     from_dict,
     load_config,
-    save_resolved,
+    to_yaml,
 )
-from pipeline.distributed import DistInfo
-from pipeline.ds_config import build_ds_config, precision_of
-from pipeline.stages.pretrain import build_model_config, check_pretrain_runtime
+from pipeline.runtime.distributed import DistInfo
+from pipeline.runtime.ds_config import build_ds_config, precision_of
+from pipeline.stages.pretrain import PretrainConfig, check_pretrain_runtime
+from pipeline.train.geometry import derive_geometry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA = {"data.train": "[/data/a,/data/b]"}  # Fire hands a bracketed list over as a string
@@ -34,7 +35,7 @@ def _info(world_size: int) -> DistInfo:
 def test_bundled_configs_load_and_build_a_model_config(name: str) -> None:
     cfg = load_config(PretrainConfig, name, DATA)
     assert cfg.data.train == ["/data/a", "/data/b"]
-    mcfg = build_model_config(cfg)
+    mcfg = build_model_config(cfg.model, seed=cfg.train.seed)
     assert mcfg.queue_size == cfg.model.queue_size and mcfg.vision.image_size == cfg.model.image_res
 
 
@@ -135,14 +136,18 @@ def test_impossible_runtime_combinations(tmp_path, ds_body, device, world, overr
     (data_dir / "manifest.json").write_text("{}")
     cfg = load_config(PretrainConfig, "pretrain_tiny_cpu", {"data.train": f"[{data_dir}]", **extra})
     with pytest.raises(ConfigError) as err:
-        build_ds_config(cfg.deepspeed.config, train=cfg.train, optim=cfg.optim, world_size=world, device=device)
         check_pretrain_runtime(cfg, _info(world), device)
+        geometry = derive_geometry(
+            cfg.train, cfg.optim, world_size=world, samples_per_epoch=10_000, queue_size=cfg.model.queue_size
+        )
+        build_ds_config(cfg.deepspeed.config, geometry=geometry, optim=cfg.optim, device=device)
     assert err.value.key == key and text in str(err.value)
 
 
 def test_ds_config_gets_the_experiment_values() -> None:
     cfg = load_config(PretrainConfig, "pretrain_4m", {**DATA, "train.grad_accum_steps": 2, "optim.grad_clip": 1.5})
-    ds = build_ds_config(cfg.deepspeed.config, train=cfg.train, optim=cfg.optim, world_size=8, device="cuda")
+    geometry = derive_geometry(cfg.train, cfg.optim, world_size=8, samples_per_epoch=10**6)
+    ds = build_ds_config(cfg.deepspeed.config, geometry=geometry, optim=cfg.optim, device="cuda")
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
         64,
         2,
@@ -153,21 +158,22 @@ def test_ds_config_gets_the_experiment_values() -> None:
     assert ds["optimizer"]["params"]["torch_adam"] is False  # FusedAdam on the GPU
     assert precision_of(ds) == "fp16" and ds["zero_optimization"]["stage"] == 2
     cpu = load_config(PretrainConfig, "pretrain_tiny_cpu", DATA)
-    ds_cpu = build_ds_config(cpu.deepspeed.config, train=cpu.train, optim=cpu.optim, world_size=2, device="cpu")
+    geometry = derive_geometry(cpu.train, cpu.optim, world_size=2, samples_per_epoch=1000)
+    ds_cpu = build_ds_config(cpu.deepspeed.config, geometry=geometry, optim=cpu.optim, device="cpu")
     assert precision_of(ds_cpu) == "fp32" and ds_cpu["optimizer"]["params"]["torch_adam"] is True
     assert ds_cpu["gradient_clipping"] == 0.0  # explicit: DeepSpeed would default to 1.0
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
     cfg = load_config(PretrainConfig, "pretrain_tiny_cpu", {**DATA, "optim.betas": "0.8,0.9"})
-    save_resolved(cfg, tmp_path / "config.yaml")
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
     again = load_config(PretrainConfig, tmp_path / "config.yaml")
     assert again == cfg
 
 
 def test_apply_overrides_is_a_copy() -> None:
     base = {"train": {"batch_size": 4}}
-    merged = apply_overrides(base, {"train.seed": 3})
+    merged = apply_overrides(PretrainConfig, base, {"train.seed": 3})
     assert base == {"train": {"batch_size": 4}} and merged["train"] == {"batch_size": 4, "seed": 3}
     assert from_dict(PretrainConfig, merged).train.seed == 3
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.distributed import DistEnvError, dist_info_from_env, export_env, first_host
+from pipeline.runtime.distributed import DistEnvError, dist_info_from_env, export_env, first_host
 
 
 def test_torchrun_env() -> None:
@@ -20,11 +20,10 @@ def test_torchrun_env() -> None:
     }  # torchrun inside a SLURM allocation: torchrun wins
     info = dist_info_from_env(env)
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (3, 8, 1, 2)
-    assert (info.master_addr, info.master_port, info.launcher, info.num_nodes, info.is_main) == (
+    assert (info.master_addr, info.master_port, info.launcher, info.is_main) == (
         "n1",
         29500,
         "torchrun",
-        4,
         False,
     )
 

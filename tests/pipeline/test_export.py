@@ -16,8 +16,8 @@ import pytest
 import torch
 from trainer_testutils import REPO_ROOT, launch, make_shards, model_states, pretrain_cmd, read_log, wait_all
 
-from pipeline import checkpoint
-from pipeline.export import export
+from pipeline.runtime import checkpoint
+from pipeline.weights.export import export
 
 pytestmark = [pytest.mark.slow]
 
@@ -46,10 +46,11 @@ def bf16_run(tmp_path_factory) -> Path:
 
 def _fresh_model(model_config: dict):
     from model.albef import build_albef
-    from model.config import config_from_dict
+    from model.config import ALBEFConfig
+    from pipeline.config import from_dict
 
     torch.manual_seed(123)  # a different init, so a load that silently skipped keys would show
-    return build_albef(config_from_dict(model_config)).eval()
+    return build_albef(from_dict(ALBEFConfig, model_config)).eval()
 
 
 def _outputs(model) -> list[torch.Tensor]:
@@ -113,7 +114,7 @@ def test_export_ours_and_official_give_identical_outputs(bf16_run: Path, tmp_pat
         else:
             assert torch.equal(state[key], value), key  # twins, queues, queue_ptr: as saved
 
-    from pipeline.weights import load_official_checkpoint
+    from pipeline.weights.init import load_official_checkpoint
 
     a = _fresh_model(exported["model_config"])
     a.load_state_dict(exported["model"], strict=True)

@@ -16,7 +16,7 @@ from retrieval_testutils import make_synthetic_splits
 from model import ALBEFConfig, build_albef
 from model.convert import to_official
 from pipeline.config import ConfigError
-from pipeline.retrieval_report import METRIC_KEYS
+from pipeline.retrieval.report import METRIC_KEYS
 from pipeline.stages.evaluate_retrieval import evaluate_retrieval, load_eval_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,6 @@ import pytest
 from retrieval_testutils import make_synthetic_splits
 
 from pipeline.config import ConfigError, load_config
-from pipeline.distributed import DistInfo
 from pipeline.stages.finetune_retrieval import RetrievalConfig, RetrievalTask, finetune_retrieval
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -66,10 +65,10 @@ def test_config_errors_name_the_key(tmp_path: Path, capfd) -> None:
 def test_epoch_is_one_pass_over_the_captions(tmp_path: Path) -> None:
     splits = make_synthetic_splits(tmp_path, n_train=20, n_test=0, image_size=16, captions_per_image=3)
     cfg = load_config(RetrievalConfig, "retrieval_tiny_cpu", {"data.train": f"[{splits['train']}]"})
-    task = RetrievalTask(cfg, DistInfo(0, 1, 0, 1, "127.0.0.1", 29500, "single"), "unused")
+    task = RetrievalTask(cfg, "unused")
     assert task.samples_per_epoch() == 60
     cfg.data.samples_per_epoch = 100
-    assert RetrievalTask(cfg, DistInfo(0, 1, 0, 1, "127.0.0.1", 29500, "single"), "unused").samples_per_epoch() == 100
+    assert RetrievalTask(cfg, "unused").samples_per_epoch() == 100
 
 
 def _run(args: list[str], log: Path) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.retrieval_metrics import (
+from pipeline.retrieval.metrics import (
     chance_metrics,
     ranks_from_scores,
     recall_at_k,

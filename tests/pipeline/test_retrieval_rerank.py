@@ -7,7 +7,7 @@ import torch
 
 from model import ALBEFConfig
 from model.retrieval import build_retrieval
-from pipeline.rerank import (
+from pipeline.retrieval.rerank import (
     EncodedSplit,
     block_to_matrices,
     rerank_block,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipeline.schedule import alpha_at, lr_at
+from pipeline.train.schedule import alpha_at, lr_at
 
 PAPER = dict(lr=1e-4, warmup_lr=1e-5, min_lr=1e-5, warmup_steps=2000, total_steps=30 * 10000)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.text import BERT_VOCAB_SIZE, build_tokenizer, bundled_vocab_path, pre_caption, tokenize
+from pipeline.data.text import BERT_VOCAB_SIZE, build_tokenizer, bundled_vocab_path, pre_caption, tokenize
 
 
 @pytest.mark.parametrize(

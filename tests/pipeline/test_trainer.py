@@ -14,10 +14,13 @@ import pytest
 import torch
 from trainer_testutils import REPO_ROOT, model_states, tb_scalars
 
-from pipeline import checkpoint
-from pipeline.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
-from pipeline.tb_logger import console_line
-from pipeline.trainer import segment_steps_for, step_seed, weight_decay_groups
+from pipeline.runtime import checkpoint
+from pipeline.runtime.exit_codes import PREEMPTED_EXIT_CODE
+from pipeline.runtime.preemption import PreemptionHandler
+from pipeline.runtime.tb_logger import console_line
+from pipeline.runtime.seeds import derive_seed
+from pipeline.train.geometry import segment_steps_for
+from pipeline.train.trainer import weight_decay_groups
 
 
 def test_weight_decay_groups_hold_trainable_params_once() -> None:
@@ -40,8 +43,8 @@ def test_weight_decay_groups_hold_trainable_params_once() -> None:
 
 
 def test_step_seeds_differ_per_step_micro_and_rank() -> None:
-    seeds = {step_seed(0, s, m, r) for s in range(20) for m in range(2) for r in range(4)}
-    assert len(seeds) == 160 and step_seed(1, 2, 0, 1) == step_seed(1, 2, 0, 1)
+    seeds = {derive_seed(0, s, m, r) for s in range(20) for m in range(2) for r in range(4)}
+    assert len(seeds) == 160 and derive_seed(1, 2, 0, 1) == derive_seed(1, 2, 0, 1)
 
 
 @pytest.mark.parametrize(

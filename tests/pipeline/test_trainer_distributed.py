@@ -29,8 +29,8 @@ from trainer_testutils import (
     wait_all,
 )
 
-from pipeline import checkpoint
-from pipeline.preemption import PREEMPTED_EXIT_CODE
+from pipeline.runtime import checkpoint
+from pipeline.runtime.exit_codes import PREEMPTED_EXIT_CODE
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

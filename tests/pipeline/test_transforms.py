@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from pipeline.transforms import (
+from pipeline.data.transforms import (
     ALBEF_AUGS,
     CLIP_MEAN,
     CLIP_STD,

@@ -166,11 +166,12 @@ def _toy_main(argv: list[str]) -> int:
     from torch import nn
 
     from pipeline.config import DeepSpeedSection, LoggingConfig, OptimConfig, TrainConfig
-    from pipeline.distributed import dist_info_from_env, init_distributed
-    from pipeline.ds_config import build_ds_config
-    from pipeline.launch import setup_logging
-    from pipeline.task import StepOutput, TrainTask
-    from pipeline.trainer import NonFiniteLossError, Trainer
+    from pipeline.runtime.distributed import dist_info_from_env, init_distributed
+    from pipeline.runtime.ds_config import build_ds_config
+    from pipeline.runtime.logs import setup_logging
+    from pipeline.train.geometry import derive_geometry
+    from pipeline.train.task import StepOutput, TrainTask
+    from pipeline.train.trainer import NonFiniteLossError, Trainer
 
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
@@ -190,6 +191,10 @@ def _toy_main(argv: list[str]) -> int:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x).squeeze(-1) * self.scale
+
+        def enqueue(self, count: torch.Tensor) -> None:  # the trainer's queue update, all-gathered
+            assert count.shape[0] == dist_info_from_env().world_size
+            self.micro_calls += 1
 
     class ToyTask(TrainTask):
         name, best_metric = "toy", "score"
@@ -215,10 +220,7 @@ def _toy_main(argv: list[str]) -> int:
             loss = ((engine(batch["x"]) - batch["y"]) ** 2).mean()
             if ctx.step == args.nan_at:
                 loss = loss * float("nan")
-            return StepOutput(loss=loss, scalars={"loss_mse": loss}, num_samples=4)
-
-        def end_micro_step(self, model, output, ctx) -> None:
-            model.micro_calls += 1
+            return StepOutput(loss=loss, scalars={"loss_mse": loss}, num_samples=4, queue_update={"count": torch.ones(1)})
 
         def validate(self, model, ctx) -> dict[str, float]:
             x = torch.randn(64, 8, generator=torch.Generator().manual_seed(-1 % 2**31))
@@ -237,16 +239,12 @@ def _toy_main(argv: list[str]) -> int:
         device="cpu",
     )
     optim = OptimConfig(lr=1e-2, warmup_lr=1e-3, min_lr=1e-3, warmup_steps=2)
-    ds = build_ds_config(
-        DeepSpeedSection(config="ds_configs/cpu.json").config,
-        train=train,
-        optim=optim,
-        world_size=info.world_size,
-        device="cpu",
-    )
+    task = ToyTask()
+    geometry = derive_geometry(train, optim, world_size=info.world_size, samples_per_epoch=task.samples_per_epoch())
+    ds = build_ds_config(DeepSpeedSection(config="ds_configs/cpu.json").config, geometry=geometry, optim=optim, device="cpu")
     init_distributed(info, "cpu")
     trainer = Trainer(
-        ToyTask(),
+        task,
         train=train,
         optim=optim,
         logging_cfg=LoggingConfig(log_every_steps=1, progress_bar="off"),
@@ -254,6 +252,7 @@ def _toy_main(argv: list[str]) -> int:
         dist_info=info,
         device="cpu",
         run_dir=args.run_dir,
+        geometry=geometry,
     )
     try:
         return trainer.fit("auto")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def job_fields(job_id: str) -> list[dict[str, str]]:
     """`scontrol show job -o ID` as dicts (one per array task)."""
-    from pipeline.slurm_submit import parse_scontrol_line
+    from pipeline.slurm.submit import parse_scontrol_line
 
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True)
     return [parse_scontrol_line(line) for line in out.stdout.splitlines() if line.strip()]

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from slurm_testutils import job_fields, wait_for_file_text
 
-from pipeline.slurm_submit import format_status, wait
+from pipeline.slurm.submit import format_status, wait
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from slurm_testutils import job_fields
 
-from pipeline.slurm_submit import NEVER_SATISFIED, SlurmSubmitError, format_status, status_command, submit, wait
+from pipeline.slurm.submit import NEVER_SATISFIED, SlurmSubmitError, format_status, status_command, submit, wait
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.slurm_config import REPO_SLURM_DIR, SlurmConfigError, load_settings
-from pipeline.slurm_submit import (
+from pipeline.config import SLURM_TEMPLATE_DIR, ConfigError
+from pipeline.slurm.config import load_settings
+from pipeline.slurm.submit import (
     JobInfo,
     SlurmSubmitError,
     format_status,
@@ -49,7 +50,7 @@ def test_dry_run_prints_the_exact_sbatch_lines(tmp_path: Path, capsys: pytest.Ca
     config = write_settings(tmp_path)
     jobs = submit(stages="prep,pretrain,finetune,eval", config=str(config), dry_run=True)
     out = capsys.readouterr().out.splitlines()
-    run, s, t = tmp_path / "run", REPO_SLURM_DIR, tmp_path
+    run, s, t = tmp_path / "run", SLURM_TEMPLATE_DIR, tmp_path
     site = "--partition=gpu --account=proj1 --constraint=a100"
     export = "--export=ALL,ALBEF_CMD=albef"
     expected = [
@@ -111,13 +112,13 @@ def test_dry_run_of_a_partial_chain_has_no_dangling_dependency(tmp_path: Path, c
 ])
 def test_bad_settings_name_the_key(tmp_path: Path, overrides: dict, key: str) -> None:
     config = write_settings(tmp_path)
-    with pytest.raises(SlurmConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         submit(stages="prep,pretrain,finetune,eval", config=str(config), dry_run=True, overrides=overrides)
     assert key in str(err.value)
 
 
 def test_unknown_stage_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(SlurmConfigError, match="stages"):
+    with pytest.raises(ConfigError, match="stages"):
         submit(stages="prep,train", config=str(write_settings(tmp_path)), dry_run=True)
 
 
@@ -151,7 +152,7 @@ def test_submit_command_turns_errors_into_exit_codes(tmp_path: Path, capsys: pyt
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     config = str(write_settings(tmp_path))
     assert submit_command("prep", config, dry_run=True, overrides={"prep.resources.cpus_per_task": -1}) == 2
-    assert "bad settings: prep.resources.cpus_per_task" in capsys.readouterr().err
+    assert "bad settings: config key 'prep.resources.cpus_per_task'" in capsys.readouterr().err
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert submit_command("prep", config) == 1
     assert "sbatch not found" in capsys.readouterr().err

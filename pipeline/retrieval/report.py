@@ -1,17 +1,17 @@
 """Writing retrieval results: the JSON file, TensorBoard scalars, a console table and a recall@K plot.
 
-Kept apart from the evaluation logic so the numbers are computed once (pipeline/retrieval_metrics.py)
+Kept apart from the evaluation logic so the numbers are computed once (pipeline/retrieval/metrics.py)
 and only presented here. Files are written to a temporary name and renamed (atomic).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from pipeline.runtime.io import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +28,6 @@ def report_stem(dataset: str, split: str | None) -> str:
     """`retrieval_<dataset>_<split>` with characters that are unsafe in file names replaced."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}_{split or 'all'}")
     return f"retrieval_{safe}"
-
-
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def format_table(metrics: Mapping[str, Mapping[str, float]], title: str = "") -> str:
@@ -87,8 +80,5 @@ def plot_recall(path: Path, curves: Mapping[str, Mapping[str, Mapping[int, float
     axes[1].legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)

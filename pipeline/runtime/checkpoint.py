@@ -17,10 +17,14 @@ mid-save resumes from the previous tag.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +32,7 @@ TAG_PREFIX = "global_step"
 BEST_TAG = "best"
 LATEST_FILE = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"
+OPTIM_STATES_GLOB = "zero_pp_rank_*_mp_rank_00_optim_states.pt"
 _TAG_RE = re.compile(rf"^{TAG_PREFIX}(\d+)$")
 
 
@@ -129,3 +134,36 @@ def load(engine: Any, ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
         raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
     logger.info("resumed from %s", path)
     return client_state or {}
+
+
+def fp32_master_weights(
+    ckpt_dir: str | Path, tag: str, model_states: dict[str, Any], load: Callable[[Path], Any]
+) -> dict[str, torch.Tensor]:
+    """The fp32 master copy of every trainable parameter, rebuilt from the ZeRO-1/2 partitions.
+
+    Each rank's optimizer file holds, per parameter group, its slice of one flat fp32 vector; the
+    slices in rank order are the whole vector, in which the parameters listed by the model file's
+    `param_shapes` follow each other (plus the alignment padding DeepSpeed may record). `load`
+    reads one file (weights-only: the caller's choice of loader).
+    """
+    folder = Path(ckpt_dir) / tag
+    files = sorted(folder.glob(OPTIM_STATES_GLOB), key=lambda f: int(re.findall(r"zero_pp_rank_(\d+)_", f.name)[0]))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no ZeRO optimizer partitions ({OPTIM_STATES_GLOB})")
+    states = [load(f)["optimizer_state_dict"] for f in files]
+    if int(states[0].get("zero_stage", 0)) > 2:
+        raise ValueError(f"{folder}: ZeRO stage {states[0]['zero_stage']} checkpoints are not supported")
+    groups = [s["single_partition_of_fp32_groups"] for s in states]
+    paddings = states[0].get("param_alignment_paddings")
+    shapes_per_group = model_states["param_shapes"]
+    out: dict[str, torch.Tensor] = {}
+    for g, shapes in enumerate(shapes_per_group):
+        flat = torch.cat([rank_groups[g] for rank_groups in groups])
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            out[name] = flat.narrow(0, offset, numel).view(tuple(shape)).clone()
+            offset += numel + (paddings[g][i] if paddings is not None else 0)
+        if offset > flat.numel():
+            raise ValueError(f"{folder}: group {g} needs {offset} values, the partitions hold {flat.numel()}")
+    return out

@@ -47,13 +47,14 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
     return caption
 
 
-def build_tokenizer(vocab_path: str | Path) -> BertTokenizerFast:
-    """A lower-casing BERT WordPiece tokenizer over `vocab_path` (a bert-base-uncased vocab.txt).
+def build_tokenizer(vocab_path: str | Path | None = None) -> BertTokenizerFast:
+    """A lower-casing BERT WordPiece tokenizer over `vocab_path` (a bert-base-uncased vocab.txt;
+    None = the bundled one, see `bundled_vocab_path`). Every stage builds its tokenizer here.
 
     Raises FileNotFoundError for a missing file and ValueError when the vocabulary is not the
     30522-token bert-base-uncased one (e.g. the transformers-5 `vocab_file=` trap).
     """
-    path = Path(vocab_path)
+    path = Path(vocab_path) if vocab_path is not None else bundled_vocab_path()
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer vocab not found: {path}")
     tokenizer = BertTokenizerFast(vocab=str(path), do_lower_case=True)

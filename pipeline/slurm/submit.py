@@ -25,11 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.slurm_config import (
-    REPO_SLURM_DIR,
+from pipeline.config import SLURM_TEMPLATE_DIR, ConfigError
+from pipeline.slurm.config import (
     STAGES,
     Resources,
-    SlurmConfigError,
     SlurmSettings,
     load_settings,
     resolve_config_path,
@@ -107,7 +106,7 @@ def submit(stages: list[str] | tuple[str, ...] | str = STAGES, config: str | Non
            overrides: dict[str, Any] | None = None) -> list[PlannedJob]:
     """Plan the chain from the settings, write the task lists, then print (dry run) or submit it.
 
-    Returns the planned jobs, with `job_id` set when submitted. Raises SlurmConfigError for bad
+    Returns the planned jobs, with `job_id` set when submitted. Raises ConfigError for bad
     settings and SlurmSubmitError when sbatch is missing or refuses a job (after cancelling the jobs
     this call submitted).
     """
@@ -136,7 +135,7 @@ def submit_command(stages: list[str] | tuple[str, ...] | str = STAGES, config: s
     """
     try:
         submit(stages=stages, config=config, dry_run=dry_run, overrides=overrides)
-    except SlurmConfigError as err:
+    except ConfigError as err:
         print(f"albef slurm submit: bad settings: {err}", file=sys.stderr)
         return 2
     except SlurmSubmitError as err:
@@ -164,9 +163,9 @@ def _stage_list(stages: list[str] | tuple[str, ...] | str) -> list[str]:
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in STAGES]
     if unknown or not names:
-        raise SlurmConfigError(f"stages: {unknown or names} not in {', '.join(STAGES)}")
+        raise ConfigError("stages", f"{unknown or names} not in {', '.join(STAGES)}")
     if len(set(names)) != len(names):
-        raise SlurmConfigError(f"stages: {names} repeats a stage")
+        raise ConfigError("stages", f"{names} repeats a stage")
     return [s for s in STAGES if s in names]  # always run in pipeline order
 
 
@@ -176,11 +175,11 @@ def _stage_list(stages: list[str] | tuple[str, ...] | str) -> list[str]:
 def build_plan(settings: SlurmSettings, stages: list[str]) -> Plan:
     """Every sbatch line and task list of the chain, from the settings alone (no side effects)."""
     run_dir = Path(settings.run_dir).expanduser().resolve()
-    scripts = Path(settings.scripts_dir).expanduser().resolve() if settings.scripts_dir else REPO_SLURM_DIR
+    scripts = Path(settings.scripts_dir).expanduser().resolve() if settings.scripts_dir else SLURM_TEMPLATE_DIR
     for stage in stages:
         script = scripts / f"{stage}.sbatch"
         if not script.is_file():
-            raise SlurmConfigError(f"scripts_dir: {script} not found")
+            raise ConfigError("scripts_dir", f"{script} not found")
     plan = Plan(run_dir=run_dir, jobs=[])
     prep_lines, feeds = _prep_tasks(settings, run_dir, plan.warnings)
     common = _common_args(settings)
@@ -202,7 +201,7 @@ def build_plan(settings: SlurmSettings, stages: list[str]) -> Plan:
 
     if "prep" in stages:
         if not prep_lines:
-            raise SlurmConfigError("prep.sources: empty, nothing to prepare (or leave 'prep' out of --stages)")
+            raise ConfigError("prep.sources", "empty, nothing to prepare (or leave 'prep' out of --stages)")
         tasks = run_dir / "slurm" / "prep_tasks.tsv"
         plan.task_files[tasks] = "".join("\t".join(line) + "\n" for line in prep_lines)
         add("prep", settings.prep.resources, "prep.sbatch", [str(tasks)], array_size=len(prep_lines))
@@ -259,9 +258,9 @@ def _eval_tasks(settings: SlurmSettings, run_dir: Path, fed: list[str]) -> list[
     st = settings.eval
     data = fed + [_abs(d) for d in st.data]
     if not data:
-        raise SlurmConfigError("eval.data: no eval data (set eval.data or a prep source with feeds: [eval])")
+        raise ConfigError("eval.data", "no eval data (set eval.data or a prep source with feeds: [eval])")
     if not st.checkpoints:
-        raise SlurmConfigError("eval.checkpoints: empty")
+        raise ConfigError("eval.checkpoints", "empty")
     lines = []
     for ckpt in st.checkpoints:
         if ckpt in ("pretrain", "finetune"):
@@ -280,7 +279,7 @@ def _eval_tasks(settings: SlurmSettings, run_dir: Path, fed: list[str]) -> list[
 def _override_args(overrides: dict[str, Any], fed: dict[str, list[str]], key: str) -> list[str]:
     for name, folders in fed.items():
         if name in overrides:
-            raise SlurmConfigError(f"{key}.{name}: also set by prep sources that feed it; keep one")
+            raise ConfigError(f"{key}.{name}", "also set by prep sources that feed it; keep one")
         # One folder goes as a plain path (a list field reads it as [path], a str field as is).
         overrides[name] = folders[0] if len(folders) == 1 else folders
     return [f"--{k}={_value(v)}" for k, v in overrides.items()]

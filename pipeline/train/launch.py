@@ -5,44 +5,34 @@ distributed, run the Trainer. `albef pretrain` and `albef finetune retrieval` bo
 Run folder: DIR/config.yaml (resolved config, git SHA in a comment), DIR/checkpoints/ (DeepSpeed
 tags + `latest`), DIR/tensorboard/ (rank 0 event files).
 
-Exit codes (pipeline/preemption.py): 0 finished, 75 preempted (checkpoint saved, requeue me),
+Exit codes (pipeline/runtime/preemption.py): 0 finished, 75 preempted (checkpoint saved, requeue me),
 2 bad configuration (nothing started), 1 any other failure (e.g. a non-finite loss).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.config import REPO_ROOT, ConfigError, to_dict, to_yaml
-from pipeline.distributed import DistInfo, dist_info_from_env, init_distributed
-from pipeline.ds_config import build_ds_config, resolve_device
-from pipeline.preemption import FAILED_EXIT_CODE
-from pipeline.task import TrainTask
+from pipeline.runtime.distributed import DistInfo, dist_info_from_env, init_distributed
+from pipeline.runtime.ds_config import build_ds_config, resolve_device
+from pipeline.runtime.io import write_text_atomic
+from pipeline.runtime.logs import setup_logging
+from pipeline.runtime.exit_codes import CONFIG_ERROR_EXIT_CODE, FAILED_EXIT_CODE
+from pipeline.train.geometry import derive_geometry
+from pipeline.train.task import TrainTask
+from pipeline.train.trainer import NonFiniteLossError, Trainer
 
 logger = logging.getLogger(__name__)
 
-CONFIG_ERROR_EXIT_CODE = 2
 # Keys the launchers add to the command line that are not config fields (`deepspeed` passes --local_rank).
 LAUNCHER_KEYS = ("local_rank",)
-
-
-def setup_logging(rank: int) -> None:
-    """Rank-tagged log lines on stderr; ranks > 0 only warn, so the console is not doubled."""
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def strip_launcher_keys(overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -59,36 +49,44 @@ def git_sha() -> str:
 
 def write_run_config(cfg: Any, run_dir: Path) -> None:
     """DIR/config.yaml, atomically, with the code version in a comment."""
-    path = run_dir / "config.yaml"
-    tmp = path.with_name("config.yaml.tmp")
-    tmp.write_text(f"# resolved config; git {git_sha()}\n" + to_yaml(cfg), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(run_dir / "config.yaml", f"# resolved config; git {git_sha()}\n" + to_yaml(cfg))
+
+
+def config_error_exit(err: ConfigError) -> int:
+    """Log one line naming the key and return the documented exit code (nothing was written)."""
+    setup_logging(0)
+    logger.error("%s", err)
+    return CONFIG_ERROR_EXIT_CODE
 
 
 def run_training(
     cfg: Any,
     output_dir: str | Path,
     resume: str | None,
-    make_task: Callable[[DistInfo, str], TrainTask],
+    make_task: Callable[[DistInfo], TrainTask],
     check: Callable[[Any, DistInfo, str], None] | None = None,
 ) -> int:
-    """Validate `cfg` against the runtime, then train; returns the exit code.
+    """Validate `cfg` against the runtime and the data, then train; returns the exit code.
 
     `cfg` has sections train/optim/deepspeed/logging (+ the task's own). `check(cfg, dist, device)`
-    adds the task's runtime checks (raising ConfigError). Nothing is written and no process group
-    is started before every check passed.
+    adds the stage's file-system checks (raising ConfigError). Nothing is written and no process
+    group is started before every check passed, the data was sized and the geometry derived.
     """
-    from pipeline.trainer import NonFiniteLossError, Trainer
-
     info = dist_info_from_env()
     setup_logging(info.rank)
     try:
         device = resolve_device(cfg.train.device)
-        ds_config = build_ds_config(
-            cfg.deepspeed.config, train=cfg.train, optim=cfg.optim, world_size=info.world_size, device=device
-        )
         if check is not None:
             check(cfg, info, device)
+        task = make_task(info)
+        try:
+            samples = task.samples_per_epoch()
+        except (OSError, ValueError) as err:
+            raise ConfigError("data.train", str(err)) from None
+        geometry = derive_geometry(
+            cfg.train, cfg.optim, world_size=info.world_size, samples_per_epoch=samples, queue_size=task.queue_size()
+        )
+        ds_config = build_ds_config(cfg.deepspeed.config, geometry=geometry, optim=cfg.optim, device=device)
     except ConfigError as err:
         logger.error("%s", err)
         return CONFIG_ERROR_EXIT_CODE
@@ -97,12 +95,10 @@ def run_training(
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(cfg, run_dir)
     if device == "cpu" and cfg.train.cpu_threads is not None:
-        import torch
-
         torch.set_num_threads(cfg.train.cpu_threads)
     init_distributed(info, device)
     trainer = Trainer(
-        make_task(info, device),
+        task,
         train=cfg.train,
         optim=cfg.optim,
         logging_cfg=cfg.logging,
@@ -110,6 +106,7 @@ def run_training(
         dist_info=info,
         device=device,
         run_dir=run_dir,
+        geometry=geometry,
         resolved_config=to_dict(cfg),
     )
     try:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import signal
+
 from types import FrameType
+
+from pipeline.runtime.exit_codes import PREEMPTED_EXIT_CODE
 
 logger = logging.getLogger(__name__)
 
-# EX_TEMPFAIL (sysexits.h): "temporary failure, try again later". The SLURM templates grep for it.
-PREEMPTED_EXIT_CODE = 75
-FINISHED_EXIT_CODE = 0
-FAILED_EXIT_CODE = 1  # any error, including a non-finite loss (fp32/bf16); the last good checkpoint is kept
 
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 

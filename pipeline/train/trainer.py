@@ -1,4 +1,4 @@
-"""The one DeepSpeed training loop, shared by pretraining and fine-tuning (see pipeline/task.py).
+"""The one DeepSpeed training loop, shared by pretraining and fine-tuning (see pipeline/train/task.py).
 
 Per optimizer step (all ranks in lockstep):
     seed the RNG from (seed, step, micro-step, rank)   -> dropout, masking, hard negatives are a
@@ -9,7 +9,7 @@ Per optimizer step (all ranks in lockstep):
                                                            forward (official order: the EMA follows
                                                            the weights, which only change at steps)
     for each of grad_accum_steps micro-batches:
-        task.forward -> engine.backward -> task.end_micro_step
+        task.forward -> engine.backward -> model.enqueue(**all_gathered(out.queue_update))
                                                         -> ALBEF: enqueue the all-gathered momentum
                                                            features of EVERY micro-batch (after the
                                                            backward, whose graph may still read the
@@ -42,19 +42,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import deepspeed
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
+from tqdm import tqdm
 
-from pipeline import checkpoint
+from model.distributed import all_gather_no_grad
 from pipeline.config import LoggingConfig, OptimConfig, TrainConfig
-from pipeline.distributed import DistInfo
-from pipeline.ds_config import precision_of
-from pipeline.preemption import FINISHED_EXIT_CODE, PREEMPTED_EXIT_CODE, PreemptionHandler
-from pipeline.schedule import lr_at
-from pipeline.task import StepContext, StepOutput, TrainTask
-from pipeline.tb_logger import TBLogger, console_line
+from pipeline.runtime import checkpoint
+from pipeline.runtime.distributed import DistInfo, device_for
+from pipeline.runtime.ds_config import precision_of
+from pipeline.runtime.exit_codes import FINISHED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from pipeline.runtime.preemption import PreemptionHandler
+from pipeline.runtime.seeds import derive_seed
+from pipeline.runtime.tb_logger import TBLogger, console_line
+from pipeline.train.geometry import TrainGeometry
+from pipeline.train.schedule import alpha_at, lr_at
+from pipeline.train.task import StepContext, StepOutput, TrainTask
 
 logger = logging.getLogger(__name__)
 
@@ -71,22 +77,6 @@ class RunState:
     samples_seen: int = 0  # images consumed, all ranks
     bad_samples: int = 0  # skipped samples, all ranks
     best_value: float | None = None  # best validation metric so far (fine-tuning)
-
-
-def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
-    """Well-mixed 63-bit seed for one micro-step of one rank."""
-    state = np.random.SeedSequence([seed, step, micro_step, rank]).generate_state(2, dtype=np.uint32)
-    return int(state.view(np.uint64)[0] >> 1)
-
-
-def segment_steps_for(save_every_steps: int, grad_accum_steps: int, cap: int = 1000) -> int:
-    """Data-stream segment length in micro-steps: a divisor of the checkpoint interval, so a
-    checkpoint-boundary resume needs no fast-forward, capped so that a preemption resume
-    re-decodes at most `cap` micro-batches per rank (split over the loader workers)."""
-    interval = save_every_steps * grad_accum_steps
-    if interval <= cap:
-        return interval
-    return max(d for d in range(1, cap + 1) if interval % d == 0)
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -117,32 +107,25 @@ class Trainer:
         dist_info: DistInfo,
         device: str,
         run_dir: str | Path,
+        geometry: TrainGeometry,
         resolved_config: dict[str, Any] | None = None,
     ) -> None:
         self.task, self.train_cfg, self.optim_cfg, self.log_cfg = task, train, optim, logging_cfg
         self.ds_config, self.dist, self.run_dir = ds_config, dist_info, Path(run_dir)
         self.resolved_config = resolved_config or {}
         self.precision = precision_of(ds_config)
-        self.device = torch.device(f"cuda:{dist_info.local_rank}" if device == "cuda" else "cpu")
+        self.device = device_for(dist_info, device)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.state = RunState()
         self.engine: Any = None
         self.preemption = PreemptionHandler()
-        spe = task.samples_per_epoch() // (train.batch_size * train.grad_accum_steps * dist_info.world_size)
-        if spe < 1:
-            raise ValueError(
-                f"{task.samples_per_epoch()} samples per epoch are fewer than one global batch "
-                f"({train.batch_size} x {train.grad_accum_steps} x {dist_info.world_size} ranks)"
-            )
-        self.steps_per_epoch = spe
-        self.total_steps = train.max_steps if train.max_steps is not None else train.epochs * spe
-        self.segment_steps = segment_steps_for(train.save_every_steps, train.grad_accum_steps)
+        self.geometry = geometry
+        self.steps_per_epoch = geometry.steps_per_epoch
+        self.total_steps = geometry.total_steps
 
     # -- set-up ------------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Build the model (seeded: identical on every rank) and the DeepSpeed engine."""
-        import deepspeed
-
         torch.manual_seed(self.train_cfg.seed)
         model = self.task.build_model().to(self.device)
         groups = weight_decay_groups(model, self.optim_cfg.weight_decay)
@@ -160,13 +143,11 @@ class Trainer:
         self._broadcast(list(self.engine.module.buffers()) + scalars)
         n_train = sum(p.numel() for g in groups for p in g["params"])
         logger.info(
-            "engine ready: %s, ZeRO stage %d, %.2fM trainable params, %d steps (%d/epoch), global batch %d",
+            "engine ready: %s, ZeRO stage %d, %.2fM trainable params; training geometry:\n%s",
             self.precision,
             self.engine.zero_optimization_stage(),
             n_train / 1e6,
-            self.total_steps,
-            self.steps_per_epoch,
-            self.engine.train_batch_size(),
+            self.geometry.table(),
         )
 
     def _restore_fp32_buffers(self, kept: dict[str, torch.Tensor]) -> None:
@@ -232,12 +213,13 @@ class Trainer:
             "data": {
                 "seed": self.train_cfg.seed,
                 "micro_step": s.step * self.train_cfg.grad_accum_steps,
-                "segment_steps": self.segment_steps,
+                "segment_steps": self.geometry.segment_steps,
             },
             "rng": {
-                "scheme": "torch.manual_seed(step_seed(seed, step, micro_step, rank)) before every micro-step",
+                "scheme": "torch.manual_seed(derive_seed(seed, step, micro_step, rank)) before every micro-step",
                 "seed": self.train_cfg.seed,
             },
+            "geometry": self.geometry.to_dict(),
             "world_size": self.dist.world_size,
             "task": self.task.name,
             "config": self.resolved_config,
@@ -291,7 +273,7 @@ class Trainer:
         batches = iter(
             self.task.train_batches(
                 start_micro_step=self.state.step * accum,
-                segment_steps=self.segment_steps,
+                segment_steps=self.geometry.segment_steps,
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
             )
@@ -340,9 +322,9 @@ class Trainer:
         return StepContext(
             step=step,
             micro_step=micro,
-            epoch=step // self.steps_per_epoch,
-            steps_per_epoch=self.steps_per_epoch,
-            total_steps=self.total_steps,
+            epoch=self.geometry.epoch_of(step),
+            alpha=alpha_at(step, alpha=self.train_cfg.alpha, ramp_steps=self.geometry.alpha_ramp_steps),
+            geometry=self.geometry,
             device=self.device,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
@@ -360,13 +342,13 @@ class Trainer:
             lr=self.optim_cfg.lr,
             warmup_lr=self.optim_cfg.warmup_lr,
             min_lr=self.optim_cfg.min_lr,
-            warmup_steps=self.optim_cfg.warmup_steps,
+            warmup_steps=self.geometry.warmup_steps,
             total_steps=self.total_steps,
         )
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         module = self.engine.module
-        torch.manual_seed(step_seed(self.train_cfg.seed, self.state.step, 0, self.dist.rank))
+        torch.manual_seed(derive_seed(self.train_cfg.seed, self.state.step, 0, self.dist.rank))
         self.task.begin_step(module, self._context(0))
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         samples = bad = 0
@@ -376,14 +358,17 @@ class Trainer:
             batch = next(batches)
             window.data_wait += time.perf_counter() - t0
             self._check_alignment(batch, micro)
-            torch.manual_seed(step_seed(self.train_cfg.seed, self.state.step, micro, self.dist.rank))
+            torch.manual_seed(derive_seed(self.train_cfg.seed, self.state.step, micro, self.dist.rank))
             with self._autocast():
                 out = self.task.forward(self.engine, batch, ctx)
             nonfinite |= ~torch.isfinite(out.loss.detach())
             self.engine.backward(out.loss)
-            self.task.end_micro_step(module, out, ctx)
+            if out.queue_update:
+                # After the backward, whose graph may still read the queue: every micro-batch's
+                # momentum features of all ranks (rank order) enter the queue.
+                module.enqueue(**{name: all_gather_no_grad(t) for name, t in out.queue_update.items()})
             self.engine.step()
-            window.add(out)
+            window.add(out, ctx.alpha)
             samples += out.num_samples
             bad += sum(self.task.bad_samples(batch).values())
         window.lr, window.steps = lr, window.steps + 1
@@ -467,8 +452,6 @@ class Trainer:
         mode = self.log_cfg.progress_bar
         if not self.dist.is_main or mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
             return None
-        from tqdm import tqdm
-
         return tqdm(total=self.total_steps, initial=self.state.step, desc=self.task.name, dynamic_ncols=True)
 
 
@@ -488,9 +471,10 @@ class _Window:
         self.samples_at_start = samples_seen
         self.t0 = time.perf_counter()
 
-    def add(self, out: StepOutput) -> None:
+    def add(self, out: StepOutput, alpha: float) -> None:
         scalars = dict(out.scalars)
         scalars["loss_total"] = out.loss
+        scalars["alpha"] = alpha
         for name, value in scalars.items():
             v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
             self.sums[name] = self.sums.get(name, 0.0) + v.cpu()
@@ -531,6 +515,4 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def _yaml(data: dict[str, Any]) -> str:
-    import yaml
-
     return yaml.safe_dump(data, sort_keys=False)

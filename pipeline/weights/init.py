@@ -18,10 +18,10 @@ from torch import nn
 
 from model.albef import ALBEF
 from model.convert import ConversionReport, from_official, text_from_hf_bert, vision_from_timm
+from pipeline.runtime.io import read_state_dict
 
 __all__ = [
     "WeightLoadError",
-    "read_state_dict",
     "load_vision_init",
     "load_text_init",
     "init_from_pretrained",
@@ -35,18 +35,6 @@ _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 class WeightLoadError(RuntimeError):
     """Weights did not load completely: missing/unexpected keys beyond what the caller allowed."""
-
-
-def read_state_dict(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file as a dict of tensors (`.safetensors` or a torch pickle, loaded weights-only on CPU)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _load_checked(

@@ -26,6 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import deepspeed
+import torch
+import torch.distributed as dist
+
 logger = logging.getLogger(__name__)
 
 Launcher = Literal["torchrun", "slurm", "single"]
@@ -51,10 +55,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def num_nodes(self) -> int:
-        return max(1, self.world_size // max(1, self.local_world_size))
 
 
 def dist_info_from_env(env: Mapping[str, str] | None = None) -> DistInfo:
@@ -168,19 +168,36 @@ def export_env(info: DistInfo, env: dict[str, str] | None = None) -> None:
     env["MASTER_PORT"] = str(info.master_port)
 
 
-def init_distributed(info: DistInfo, device: str, timeout_s: float = 1800.0) -> None:
-    """Export the env, pin the GPU, and start torch.distributed via DeepSpeed (gloo on CPU).
+def device_for(info: DistInfo, kind: str, device_count: int | None = None) -> torch.device:
+    """This rank's device: the CPU, or the GPU of its local rank.
 
-    The first call on a machine JIT-compiles DeepSpeed's shared-memory op (~75 s on 2 cores);
-    it is cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), so later runs
-    start in seconds.
+    Under `--gpus-per-task=1` or `--gpu-bind` each task sees one GPU (index 0), so the local rank
+    is taken modulo the visible count rather than used as an index.
     """
-    import deepspeed
-    import torch
+    if kind != "cuda":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if device_count is None else device_count
+    if count < 1:
+        raise RuntimeError("cuda requested but no GPU is visible")
+    return torch.device("cuda", 0 if count == 1 else info.local_rank % count)
 
+
+def init_distributed(
+    info: DistInfo, device: str, timeout_s: float = 1800.0, group_of_one: bool = True
+) -> torch.device:
+    """Export the env, pin the GPU, start torch.distributed via DeepSpeed (gloo on CPU); returns the device.
+
+    Every stage (training and evaluation) starts its process group here. A single process starts
+    a group of one only with `group_of_one` (the DeepSpeed engine wants one; evaluation does not).
+    The first call on a machine JIT-compiles DeepSpeed's shared-memory op (~75 s on
+    2 cores); it is cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions).
+    """
     export_env(info)
-    if device == "cuda":
-        torch.cuda.set_device(info.local_rank)
+    torch_device = device_for(info, device)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    if dist.is_initialized() or (info.world_size == 1 and not group_of_one):
+        return torch_device
     backend = "nccl" if device == "cuda" else "gloo"
     deepspeed.init_distributed(
         dist_backend=backend,
@@ -199,3 +216,4 @@ def init_distributed(info: DistInfo, device: str, timeout_s: float = 1800.0) -> 
         info.master_addr,
         info.master_port,
     )
+    return torch_device

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.config import ConfigError, OptimConfig, TrainConfig, resolve_path
+from pipeline.config import ConfigError, OptimConfig, resolve_path
+from pipeline.train.geometry import TrainGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,7 @@ def precision_of(ds: dict[str, Any]) -> Precision:
     return "fp16" if fp16 else "bf16" if bf16 else "fp32"
 
 
-def build_ds_config(
-    path: str, *, train: TrainConfig, optim: OptimConfig, world_size: int, device: str
-) -> dict[str, Any]:
+def build_ds_config(path: str, *, geometry: TrainGeometry, optim: OptimConfig, device: str) -> dict[str, Any]:
     """The DeepSpeed config dict for `deepspeed.initialize`, with the experiment's values injected.
 
     Raises ConfigError (key `deepspeed.config`) for a JSON that contradicts the experiment config,
@@ -67,9 +66,9 @@ def build_ds_config(
     """
     ds = copy.deepcopy(load_ds_json(path))
     injected = {
-        "train_micro_batch_size_per_gpu": train.batch_size,
-        "gradient_accumulation_steps": train.grad_accum_steps,
-        "train_batch_size": train.batch_size * train.grad_accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": geometry.micro_batch,
+        "gradient_accumulation_steps": geometry.grad_accum_steps,
+        "train_batch_size": geometry.global_batch,
         "gradient_clipping": optim.grad_clip,
     }
     for key, value in injected.items():

