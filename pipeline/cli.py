@@ -86,9 +86,22 @@ def _exit_code(result: Any) -> int:
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
-def main() -> None:
+def fire_argv(argv: list[str]) -> list[str]:
+    """`albef CMD --help` as Fire's own help request (`albef CMD -- --help`).
+
+    Without this, Fire first tries to call CMD: a missing required flag makes it exit 2, and a
+    command taking `**overrides` swallows `--help` as an override.
+    """
+    words = argv[: argv.index("--")] if "--" in argv else argv
+    if not any(a in ("--help", "-h") for a in words):
+        return argv
+    return [a for a in words if a not in ("--help", "-h")] + ["--", "--help"]
+
+
+def main(argv: list[str] | None = None) -> None:
     # Fire would print the returned value; stages return exit codes (ints) or small results.
-    result = fire.Fire(CLI, name="albef", serialize=lambda r: None)
+    args = fire_argv(sys.argv[1:] if argv is None else argv)
+    result = fire.Fire(CLI, command=args, name="albef", serialize=lambda r: None)
     sys.exit(_exit_code(result))
 
 

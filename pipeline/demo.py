@@ -31,7 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from data_prep.http_server import FolderServer
+from data_prep.synthetic import write_synthetic
 from pipeline.config import REPO_ROOT
+from pipeline.retrieval.report import format_table
 from pipeline.runtime.io import write_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -138,8 +144,6 @@ class Stages:
 
 def _synthesize(layout: Layout) -> None:
     """Write the image set; the Karpathy json holds relative paths, so the URL base is chosen at prep time."""
-    from data_prep.synthetic import write_synthetic
-
     synth = write_synthetic(
         layout.raw, n_train=N_TRAIN, n_val=N_VAL, n_test=N_TEST, seed=0, image_size=IMAGE_SIZE, captions_per_image=3
     )
@@ -149,8 +153,6 @@ def _synthesize(layout: Layout) -> None:
 
 def _prep(layout: Layout) -> None:
     """Serve the images on 127.0.0.1 and ingest each split with `albef prep coco` (img2dataset)."""
-    from data_prep.http_server import FolderServer
-
     with FolderServer(layout.raw) as server:
         print(f"serving {layout.raw} at {server.base_url}", flush=True)
         for split in ("train", "val", "test"):
@@ -242,8 +244,6 @@ def _eval_json(run_dir: Path) -> Path:
 
 def _loss_curves(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """train/loss_* scalars of one run's TensorBoard logs (not the fp16 loss scale; empty when none)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     if not tb_dir.is_dir():
         return {}
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
@@ -254,12 +254,8 @@ def _loss_curves(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def _plot(layout: Layout, zero: dict, tuned: dict, path: Path) -> None:
     """Three panels: pretraining losses, fine-tuning losses, recall@K (zero-shot, fine-tuned, chance)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig = Figure(figsize=(16, 4.5))
+    axes = fig.subplots(1, 3)
     for ax, (title, run) in zip(axes[:2], (("pretraining", layout.pretrain), ("fine-tuning", layout.finetune))):
         for tag, points in _loss_curves(run / "tensorboard").items():
             ax.plot([s for s, _ in points], [v for _, v in points], label=tag.removeprefix("train/"))
@@ -276,7 +272,6 @@ def _plot(layout: Layout, zero: dict, tuned: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
 
 
 def _write_report(layout: Layout, stages: Stages, steps: int, finetune_steps: int) -> dict:
@@ -314,8 +309,6 @@ def _write_report(layout: Layout, stages: Stages, steps: int, finetune_steps: in
 
 
 def _summary(report: dict, layout: Layout) -> None:
-    from pipeline.retrieval.report import format_table
-
     _header("summary")
     rows = {f"zero-shot {k}": v for k, v in report["metrics"]["zero_shot"].items()}
     rows.update({f"fine-tuned {k}": v for k, v in report["metrics"]["fine_tuned"].items()})

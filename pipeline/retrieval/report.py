@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
+
 from pipeline.runtime.io import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -43,8 +46,6 @@ def format_table(metrics: Mapping[str, Mapping[str, float]], title: str = "") ->
 
 def tensorboard_scalars(log_dir: Path, prefix: str, metrics: Mapping[str, Mapping[str, float]], step: int) -> None:
     """`<prefix>/<score>/<metric>` scalars at `step` in `log_dir` (the run's tensorboard folder)."""
-    from torch.utils.tensorboard import SummaryWriter
-
     log_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
@@ -57,12 +58,8 @@ def tensorboard_scalars(log_dir: Path, prefix: str, metrics: Mapping[str, Mappin
 
 def plot_recall(path: Path, curves: Mapping[str, Mapping[str, Mapping[int, float]]], title: str) -> None:
     """Recall@K curves: text retrieval and image retrieval panels, one line per score (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig = Figure(figsize=(11, 4.2))  # no pyplot: no display backend needed on cluster nodes
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, side, label in (
         (axes[0], "txt", "text retrieval (image query)"),
         (axes[1], "img", "image retrieval (text query)"),
@@ -81,4 +78,3 @@ def plot_recall(path: Path, curves: Mapping[str, Mapping[str, Mapping[int, float
     fig.suptitle(title)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)

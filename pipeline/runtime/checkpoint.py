@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,6 @@ def save(
     latest: bool = True,
 ) -> None:
     """Collective DeepSpeed save of `tag`, then (rank 0) retention. Call on every rank."""
-    import torch.distributed as dist
-
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=latest)
     if dist.is_initialized():
         dist.barrier()

@@ -11,6 +11,8 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,10 +20,8 @@ class TBLogger:
     """SummaryWriter wrapper; `enabled=False` (ranks > 0) makes every call a no-op."""
 
     def __init__(self, log_dir: str | Path, enabled: bool) -> None:
-        self.writer = None
+        self.writer: SummaryWriter | None = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(log_dir=str(log_dir))
 
@@ -43,7 +43,7 @@ class TBLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self.writer = None
+            self.writer: SummaryWriter | None = None
 
 
 def console_line(step: int, total: int, epoch: float, values: Mapping[str, float]) -> str:

@@ -13,8 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from torch import nn
+from transformers import BertForMaskedLM
 
 from model.albef import ALBEF
 from model.convert import ConversionReport, from_official, text_from_hf_bert, vision_from_timm
@@ -68,8 +70,6 @@ def load_vision_init(model: ALBEF, source: str | Path) -> ConversionReport:
     if Path(source).is_file():
         state = read_state_dict(source)
     else:
-        import timm
-
         logger.info("creating timm model %r with pretrained weights", source)
         state = timm.create_model(str(source), pretrained=True).state_dict()
     converted, report = vision_from_timm(state, model.config.vision, strict=False)
@@ -85,8 +85,6 @@ def _hf_bert_state(source: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} has none of {_HF_WEIGHT_FILES}")
     if path.is_file():
         return read_state_dict(path)
-    from transformers import BertForMaskedLM
-
     logger.info("loading HF model %r (may download)", str(source))
     return BertForMaskedLM.from_pretrained(str(source)).state_dict()
 

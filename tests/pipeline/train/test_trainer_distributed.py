@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_testutils import (
+from pipeline_testutils import (
     launch,
     make_shards,
     model_states,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_testutils import REPO_ROOT, model_states, tb_scalars
+from pipeline_testutils import REPO_ROOT, model_states, tb_scalars
 
 from pipeline.runtime import checkpoint
 from pipeline.runtime.exit_codes import PREEMPTED_EXIT_CODE
@@ -129,7 +129,7 @@ def _toy(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests" / "pipeline" / "trainer_testutils.py"), str(run_dir), *args],
+        [sys.executable, str(REPO_ROOT / "tests" / "pipeline" / "train" / "toy_task.py"), str(run_dir), *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from retrieval_testutils import make_synthetic_splits
+from pipeline_testutils import make_synthetic_splits
 
 from pipeline.config import ConfigError, load_config
 from pipeline.stages.finetune_retrieval import RetrievalConfig, RetrievalTask, finetune_retrieval
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,6 @@ from pipeline.runtime.ds_config import build_ds_config, precision_of
 from pipeline.stages.pretrain import PretrainConfig, check_pretrain_runtime
 from pipeline.train.geometry import derive_geometry
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA = {"data.train": "[/data/a,/data/b]"}  # Fire hands a bracketed list over as a string
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from retrieval_testutils import make_synthetic_splits
+from pipeline_testutils import make_synthetic_splits
 
 from model import ALBEFConfig, build_albef
 from model.convert import to_official
@@ -19,7 +19,6 @@ from pipeline.config import ConfigError
 from pipeline.retrieval.report import METRIC_KEYS
 from pipeline.stages.evaluate_retrieval import evaluate_retrieval, load_eval_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST = {"num_workers": 0, "device": "cpu"}
 
 

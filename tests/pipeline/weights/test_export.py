@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_testutils import REPO_ROOT, launch, make_shards, model_states, pretrain_cmd, read_log, wait_all
+from pipeline_testutils import REPO_ROOT, launch, make_shards, model_states, pretrain_cmd, read_log, wait_all
 
 from pipeline.runtime import checkpoint
 from pipeline.weights.export import export
