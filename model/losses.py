@@ -34,13 +34,29 @@ def fp32(fn: F_) -> F_:
 
 class ITCResult(NamedTuple):
     itc_loss: torch.Tensor  # scalar, mean of the image->text and text->image soft cross-entropies
-    itc_acc: torch.Tensor  # scalar, top-1 accuracy of the positives among [batch | queue], both directions
+    itc_acc: torch.Tensor  # scalar, share of rows whose top-1 among [batch | queue] is a positive, both directions
     sim_i2t: torch.Tensor  # [B, B + Q] image_feat vs [text_feat_m | text_queue] / temp
     sim_t2i: torch.Tensor  # [B, B + Q] text_feat vs [image_feat_m | image_queue] / temp
+    positives: torch.Tensor  # [B, B + Q] bool, True where a column is a positive of the row (same image)
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+
+
+def _positives(
+    b: int, q: int, idx: torch.Tensor | None, idx_queue: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """[B, B + Q] bool: the diagonal alone without ids, else every column holding the row's image id."""
+    if (idx is None) != (idx_queue is None):
+        raise ValueError("pass both idx and idx_queue (image ids of the batch and of the queue) or neither")
+    if idx is None or idx_queue is None:
+        return torch.eye(b, b + q, dtype=torch.bool, device=device)  # positive of row b is column b
+    if idx.shape != (b,) or idx_queue.numel() != q:
+        raise ValueError(f"idx {tuple(idx.shape)} / idx_queue {tuple(idx_queue.shape)} do not fit B={b}, Q={q}")
+    idx = idx.to(device=device, dtype=torch.long)
+    idx_all = torch.cat([idx, idx_queue.reshape(-1).to(device=device, dtype=torch.long)])  # [B + Q]
+    return idx[:, None] == idx_all[None, :]  # the diagonal always included
 
 
 @fp32
@@ -53,6 +69,9 @@ def itc_loss(
     text_queue: torch.Tensor,
     temp: torch.Tensor,
     alpha: float | torch.Tensor,
+    *,
+    idx: torch.Tensor | None = None,
+    idx_queue: torch.Tensor | None = None,
 ) -> ITCResult:
     """Image-text contrastive loss with momentum distillation.
 
@@ -61,47 +80,67 @@ def itc_loss(
         image_feat_m, text_feat_m: [B, E] momentum features (no grad).
         image_queue, text_queue: [E, Q] L2-normalised columns (earlier momentum features, all ranks).
         temp: scalar temperature, already clamped.
-        alpha: weight of the momentum model's soft targets; targets = alpha*softmax(s_m) + (1-alpha)*onehot.
+        alpha: weight of the momentum model's soft targets; targets = alpha*softmax(s_m) + (1-alpha)*pos/pos.sum().
+        idx, idx_queue: [B] and [1, Q] image ids of the batch and of the queued columns (retrieval
+            fine-tuning, where a COCO image comes back with each of its 5 captions): every column holding
+            the row's image id is a positive. Without them the positive of row b is column b alone
+            (pos/pos.sum() is then exactly the one-hot diagonal of pretraining).
     """
+    b, q = image_feat.shape[0], image_queue.shape[1]
     image_feat, text_feat = image_feat.float(), text_feat.float()
     with torch.no_grad():
+        pos = _positives(b, q, idx, idx_queue, image_feat.device)
+        pos_targets = pos.float() / pos.sum(dim=1, keepdim=True)
         text_all = torch.cat([text_feat_m.float().t(), text_queue.float()], dim=1)  # [E, B + Q]
         image_all = torch.cat([image_feat_m.float().t(), image_queue.float()], dim=1)
         sim_i2t_m = image_feat_m.float() @ text_all / temp
         sim_t2i_m = text_feat_m.float() @ image_all / temp
-        onehot = torch.zeros_like(sim_i2t_m)
-        onehot.fill_diagonal_(1)  # positive of row b is column b (the batch comes first)
-        i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * onehot
-        t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * onehot
+        i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * pos_targets
+        t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * pos_targets
     sim_i2t = image_feat @ text_all / temp
     sim_t2i = text_feat @ image_all / temp
     loss = (_soft_cross_entropy(sim_i2t, i2t_targets) + _soft_cross_entropy(sim_t2i, t2i_targets)) / 2
     with torch.no_grad():
-        target = torch.arange(sim_i2t.shape[0], device=sim_i2t.device)
-        acc = ((sim_i2t.argmax(1) == target).float().mean() + (sim_t2i.argmax(1) == target).float().mean()) / 2
-    return ITCResult(loss, acc, sim_i2t, sim_t2i)
+        hit_i2t = pos.gather(1, sim_i2t.argmax(1, keepdim=True)).float().mean()
+        hit_t2i = pos.gather(1, sim_t2i.argmax(1, keepdim=True)).float().mean()
+        acc = (hit_i2t + hit_t2i) / 2
+    return ITCResult(loss, acc, sim_i2t, sim_t2i, pos)
 
 
 @fp32
 @torch.no_grad()
 def sample_hard_negatives(
-    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, generator: torch.Generator | None = None
+    sim_i2t: torch.Tensor,
+    sim_t2i: torch.Tensor,
+    *,
+    exclude: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One hard negative per text and per image, drawn in proportion to softmax similarity.
 
     Args:
         sim_i2t, sim_t2i: [B, >=B] similarities; only the in-batch block [:, :B] is used.
+        exclude: [B, B] bool, True = column j is never drawn for row b, in both directions (for text b
+            among images and for image b among texts). Default: the diagonal (the positive pair). The
+            retrieval model excludes every pair of the same image (`ITCResult.positives[:, :B]`).
     Returns: (neg_image_idx [B]: negative image for text b, neg_text_idx [B]: negative text for image b).
 
-    The diagonal (the positive) is set to -inf BEFORE the softmax, so it gets exactly zero probability
-    and no 0/0 can appear; both directions are drawn with one vectorised `torch.multinomial`.
+    Excluded entries are set to -inf BEFORE the softmax, so they get exactly zero probability and no 0/0
+    can appear; both directions are drawn with one vectorised `torch.multinomial`. A row with every entry
+    excluded (a batch holding only its own image) falls back to excluding just the diagonal: a same-image
+    "negative" is then possible, but only in such degenerate batches, instead of NaN weights.
     """
     b = sim_i2t.shape[0]
     if b < 2:
         raise ValueError(f"hard-negative sampling needs a batch of at least 2 pairs, got {b}")
     eye = torch.eye(b, dtype=torch.bool, device=sim_i2t.device)
+    if exclude is None:
+        exclude = eye
+    elif exclude.shape != (b, b):
+        raise ValueError(f"exclude must be [B, B] = [{b}, {b}], got {tuple(exclude.shape)}")
+    exclude = torch.where(exclude.all(dim=1, keepdim=True), eye, exclude.to(device=eye.device, dtype=torch.bool))
     logits = torch.cat([sim_t2i[:, :b].float(), sim_i2t[:, :b].float()], dim=0).masked_fill(
-        eye.repeat(2, 1), -torch.inf
+        exclude.repeat(2, 1), -torch.inf
     )
     weights = F.softmax(logits, dim=1)  # [2B, B]: rows 0..B-1 texts -> images, rows B..2B-1 images -> texts
     draws = torch.multinomial(weights, 1, generator=generator).squeeze(1)

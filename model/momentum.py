@@ -36,7 +36,8 @@ def make_momentum_twin(module: nn.Module) -> nn.Module:
 def ema_pairs(source: nn.Module, twin: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(twin tensors, source parameters) matched by name; fails loudly if the structures differ."""
     buffers = dict(twin.named_buffers())
-    twins, sources = [], []
+    twins: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
     for name, param in source.named_parameters():
         if name not in buffers:
             raise KeyError(f"momentum twin has no tensor {name!r}")

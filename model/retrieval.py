@@ -1,38 +1,35 @@
 """ALBEF for image-text retrieval fine-tuning: ITC (momentum distillation, queues with image ids) + ITM.
 
-It is the pretraining `ALBEF` with three differences (official `models/model_retrieval.py`):
-  - `idx_queue` [1, Q] holds the image id of every queued feature (-100 = empty). ITC targets treat
-    every entry sharing the query's image id as a positive: targets = pos / pos.sum(), because a COCO
-    image has 5 captions and the same image comes back in the batch and the queue;
-  - ITM hard negatives exclude every pair of the same image, not just the diagonal;
+`ALBEFRetrieval` is an `ALBEFBase` (model/albef.py) with, as the official `models/model_retrieval.py`:
+  - `idx_queue` [1, Q] holding the image id of every queued feature (EMPTY_IDX = empty). ITC targets
+    treat every entry sharing the query's image id as a positive: targets = pos / pos.sum(), because a
+    COCO image has 5 captions and the same image comes back in the batch and the queue;
+  - ITM hard negatives that exclude every pair of the same image, not just the diagonal;
   - no MLM head: loss = ITC + ITM. The text encoder keeps its 6 text + 6 fusion layers.
-Everything else (encoders, momentum twins in fp32, EMA, queue handling, `encode_*`, `itm_logits`) is
-inherited, so the parameter names are the pretraining model's and its checkpoints load directly.
+ITC and the sampler are the pretraining ones (model/losses.py) given the ids. Parameter names are the
+pretraining model's, so its checkpoints load directly, and so do the official fine-tuned ones.
 Like `ALBEF.forward`, `forward` mutates nothing; the trainer calls `momentum_update()` once per
-optimizer step before the forward and `enqueue(feat_m, feat_m, idx)` with all-gathered tensors after it.
+optimizer step before the forward and `enqueue(**out.queue_update())` (all-gathered) after it.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from model.albef import ALBEF
+from model.albef import ALBEFBase
 from model.config import ALBEFConfig
 from model.convert import ConversionReport, from_official
-from model.losses import ITCResult
 from model.text import TextEncoder, build_text_encoder
-from model.vision import build_vision_encoder
+from model.vision import VisionEncoder, build_vision_encoder
 
 __all__ = [
     "ALBEFRetrieval",
     "RetrievalOutput",
     "build_retrieval",
-    "itc_loss_with_ids",
-    "sample_hard_negatives_by_id",
     "retrieval_state_dict",
     "load_retrieval_state",
     "EMPTY_IDX",
@@ -67,106 +64,45 @@ class RetrievalOutput:
     def losses(self) -> dict[str, torch.Tensor]:
         return {"itc_loss": self.itc_loss, "itm_loss": self.itm_loss}
 
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Non-loss scalars worth logging."""
+        return {"itc_acc": self.itc_acc, "itm_acc": self.itm_acc, "temp": self.temp}
 
-def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
-
-
-def itc_loss_with_ids(
-    image_feat: torch.Tensor,
-    text_feat: torch.Tensor,
-    image_feat_m: torch.Tensor,
-    text_feat_m: torch.Tensor,
-    image_queue: torch.Tensor,
-    text_queue: torch.Tensor,
-    idx: torch.Tensor,
-    idx_queue: torch.Tensor,
-    temp: torch.Tensor,
-    alpha: float | torch.Tensor,
-) -> ITCResult:
-    """ITC where every column with the query's image id is a positive (all fp32).
-
-    Args:
-        image_feat, text_feat: [B, E] unit features (grad); image_feat_m, text_feat_m: [B, E] (no grad).
-        image_queue, text_queue: [E, Q]; idx: [B] image ids; idx_queue: [1, Q] ids of the queued columns.
-        alpha: targets = alpha * softmax(momentum similarities) + (1 - alpha) * pos / pos.sum().
-    Returns: ITCResult with sim_i2t / sim_t2i [B, B + Q] (batch columns first, as in pretraining).
-    """
-    image_feat, text_feat = image_feat.float(), text_feat.float()
-    with torch.no_grad():
-        idx_all = torch.cat([idx.view(1, -1), idx_queue.view(1, -1).to(idx.dtype)], dim=1)  # [1, B + Q]
-        pos = (idx.view(-1, 1) == idx_all).float()  # [B, B + Q], the diagonal always included
-        id_targets = pos / pos.sum(dim=1, keepdim=True)
-        text_all = torch.cat([text_feat_m.float().t(), text_queue.float()], dim=1)  # [E, B + Q]
-        image_all = torch.cat([image_feat_m.float().t(), image_queue.float()], dim=1)
-        i2t_targets = alpha * F.softmax(image_feat_m.float() @ text_all / temp, dim=1) + (1 - alpha) * id_targets
-        t2i_targets = alpha * F.softmax(text_feat_m.float() @ image_all / temp, dim=1) + (1 - alpha) * id_targets
-    sim_i2t = image_feat @ text_all / temp
-    sim_t2i = text_feat @ image_all / temp
-    loss = (_soft_cross_entropy(sim_i2t, i2t_targets) + _soft_cross_entropy(sim_t2i, t2i_targets)) / 2
-    with torch.no_grad():
-        rows = torch.arange(pos.shape[0], device=pos.device)
-        acc = (pos[rows, sim_i2t.argmax(1)].mean() + pos[rows, sim_t2i.argmax(1)].mean()) / 2
-    return ITCResult(loss, acc, sim_i2t, sim_t2i)
+    def queue_update(self) -> dict[str, torch.Tensor]:
+        """Exactly the keyword arguments of `ALBEFRetrieval.enqueue` (per rank: all-gather each first)."""
+        return {"image_feat_m": self.image_feat_m, "text_feat_m": self.text_feat_m, "idx": self.idx}
 
 
-@torch.no_grad()
-def sample_hard_negatives_by_id(
-    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, idx: torch.Tensor, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One hard negative per text and per image, never of the same image id (softmax-weighted draw).
-
-    Same-image entries are set to -inf BEFORE the softmax (exact zeros, no 0/0 in low precision).
-    A row whose batch holds only its own image (every entry masked) falls back to excluding just the
-    diagonal: a sampled same-image "negative" is then possible but only in such degenerate batches.
-    Returns (neg_image_idx [B] for each text, neg_text_idx [B] for each image).
-    """
-    b = sim_i2t.shape[0]
-    if b < 2:
-        raise ValueError(f"hard-negative sampling needs a batch of at least 2 pairs, got {b}")
-    same = idx.view(-1, 1) == idx.view(1, -1)  # [B, B]
-    eye = torch.eye(b, dtype=torch.bool, device=same.device)
-    lonely = same.all(dim=1, keepdim=True)  # rows with no other image in the batch
-    mask = torch.where(lonely, eye, same).repeat(2, 1)
-    logits = torch.cat([sim_t2i[:, :b].float(), sim_i2t[:, :b].float()], dim=0).masked_fill(mask, -torch.inf)
-    draws = torch.multinomial(F.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
-    return draws[:b], draws[b:]
-
-
-class ALBEFRetrieval(ALBEF):
+class ALBEFRetrieval(ALBEFBase):
     """Inputs: image [B, 3, H, W], input_ids / attention_mask [B, L], idx [B] int64 image ids."""
 
-    def __init__(self, config: ALBEFConfig, visual_encoder, text_encoder: TextEncoder) -> None:
-        if getattr(text_encoder, "cls", None) is not None:
+    idx_queue: torch.Tensor  # [1, Q] int64 image id of every queued feature, EMPTY_IDX = none yet
+
+    def __init__(self, config: ALBEFConfig, visual_encoder: VisionEncoder, text_encoder: TextEncoder) -> None:
+        if text_encoder.cls is not None:
             raise ValueError("the retrieval model takes a text encoder without MLM head (see build_retrieval)")
         super().__init__(config, visual_encoder, text_encoder)
         self.register_buffer("idx_queue", torch.full((1, config.queue_size), EMPTY_IDX, dtype=torch.long))
 
     @torch.no_grad()
     def reset_queues(self, seed: int | None = None) -> None:
+        """Random unit-norm feature queues (see `ALBEFBase.reset_queues`) and an empty id queue."""
         super().reset_queues(seed)
-        if hasattr(self, "idx_queue"):  # absent while ALBEF.__init__ runs
-            self.idx_queue.fill_(EMPTY_IDX)
+        self.idx_queue.fill_(EMPTY_IDX)
 
     @torch.no_grad()
-    def enqueue(
-        self,
-        image_feat_m: torch.Tensor,
-        text_feat_m: torch.Tensor,  # type: ignore[override]
-        idx: torch.Tensor,
-    ) -> None:
+    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx: torch.Tensor) -> None:
         """Write all-gathered momentum features [N, E] and their image ids [N] at the pointer."""
         if idx.shape[0] != image_feat_m.shape[0]:
             raise ValueError(f"{idx.shape[0]} image ids for {image_feat_m.shape[0]} features")
-        ptr = int(self.queue_ptr)
-        super().enqueue(image_feat_m, text_feat_m)  # validates sizes, advances the pointer
+        ptr = self._write_queues(image_feat_m, text_feat_m)  # validates sizes, advances the pointer
         self.idx_queue[0, ptr : ptr + idx.shape[0]] = idx.to(self.idx_queue.dtype)
 
     def forward(
         self,
         image: torch.Tensor,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,  # type: ignore[override]
+        attention_mask: torch.Tensor,
         idx: torch.Tensor,
         alpha: float | torch.Tensor,
         *,
@@ -175,77 +111,36 @@ class ALBEFRetrieval(ALBEF):
         generator: torch.Generator | None = None,
     ) -> RetrievalOutput:
         """ITC + ITM of one batch; `neg_*_idx` replay given hard negatives instead of sampling."""
-        temp = self.clamped_temp()
-        image_embeds, image_feat = self.encode_image(image)
-        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
-        _, image_feat_m = self.encode_image_m(image)
-        _, text_feat_m = self.encode_text_m(input_ids, attention_mask)
-        idx = idx.to(device=image_feat.device, dtype=torch.long)
-        itc = itc_loss_with_ids(
-            image_feat,
-            text_feat,
-            image_feat_m,
-            text_feat_m,
-            self.image_queue,
-            self.text_queue,
-            idx,
-            self.idx_queue,
-            temp,
+        idx = idx.to(device=self.idx_queue.device, dtype=torch.long)
+        cm = self._contrast_and_match(
+            image,
+            input_ids,
+            attention_mask,
             alpha,
-        )
-        if neg_image_idx is None or neg_text_idx is None:
-            sampled = sample_hard_negatives_by_id(itc.sim_i2t, itc.sim_t2i, idx, generator)
-            neg_image_idx = sampled[0] if neg_image_idx is None else neg_image_idx
-            neg_text_idx = sampled[1] if neg_text_idx is None else neg_text_idx
-        itm, itm_acc = self._itm(image_embeds, text_embeds, attention_mask, neg_image_idx, neg_text_idx)
-        return RetrievalOutput(
-            itc_loss=itc.itc_loss,
-            itm_loss=itm,
-            image_feat_m=image_feat_m,
-            text_feat_m=text_feat_m,
             idx=idx,
-            itc_acc=itc.itc_acc,
-            itm_acc=itm_acc,
-            temp=temp.detach(),
+            idx_queue=self.idx_queue,
             neg_image_idx=neg_image_idx,
             neg_text_idx=neg_text_idx,
+            generator=generator,
         )
-
-    def itm_logits_cls(
-        self,
-        text_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        image_embeds: torch.Tensor,
-        image_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`itm_logits` [B, 2] (fp32) with the last fusion layer computed for the [CLS] query only.
-
-        ITM reads one row, [CLS], of the last layer; its other rows only feed that layer's keys and
-        values. Skipping their queries, cross-attention and FFN removes most of the last layer's work
-        (~40% of a 2-layer fusion, ~15% of ALBEF-base's 6) with the same result per row.
-        """
-        layers = self.text_encoder.encoder.layer
-        start, last = self.config.text.fusion_layer, len(layers) - 1
-        keys = attention_mask.bool()[:, None, None, :]  # SDPA: True = attend
-        img_keys = None if image_mask is None else image_mask.bool()[:, None, None, :]
-        x = text_embeds
-        for layer in layers[start:last]:
-            x = layer(x, keys, image_embeds, img_keys)
-        layer, cls = layers[last], x[:, :1]
-        h = layer.attention.output(layer.attention.self(cls, x, keys), cls)  # [CLS] queries, all tokens as keys
-        if layer.crossattention is not None:
-            h = layer.crossattention(h, image_embeds, img_keys)
-        h = layer.output(layer.intermediate(h), h)
-        return self.itm_head(h[:, 0, :]).float()
-
-    def mlm_logits(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        raise NotImplementedError("the retrieval model has no MLM head")
+        return RetrievalOutput(
+            itc_loss=cm.itc.itc_loss,
+            itm_loss=cm.itm_loss,
+            image_feat_m=cm.image_feat_m,
+            text_feat_m=cm.text_feat_m,
+            idx=idx,
+            itc_acc=cm.itc.itc_acc,
+            itm_acc=cm.itm_acc,
+            temp=cm.temp,
+            neg_image_idx=cm.neg_image_idx,
+            neg_text_idx=cm.neg_text_idx,
+        )
 
 
 def build_retrieval(config: ALBEFConfig) -> ALBEFRetrieval:
     """Random-init retrieval model (load weights with `load_retrieval_state`)."""
-    text_encoder = build_text_encoder(config.text)
-    text_encoder.cls = None  # MLM head: unused by retrieval, and absent from fine-tuned checkpoints
+    # no MLM head: unused by retrieval, and absent from fine-tuned checkpoints
+    text_encoder = build_text_encoder(config.text, with_mlm_head=False)
     model = ALBEFRetrieval(config, build_vision_encoder(config.vision), text_encoder)
     logger.info(
         "built ALBEF retrieval model: %.1fM trainable parameters", sum(p.numel() for p in model.parameters()) / 1e6
@@ -253,7 +148,9 @@ def build_retrieval(config: ALBEFConfig) -> ALBEFRetrieval:
     return model
 
 
-def retrieval_state_dict(state_dict: dict, config: ALBEFConfig) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+def retrieval_state_dict(
+    state_dict: dict[str, Any], config: ALBEFConfig
+) -> tuple[dict[str, torch.Tensor], ConversionReport]:
     """Any ALBEF checkpoint -> retrieval-model keys (pure): ours (pretrain or retrieval), official
     pretrain (`text_encoder.bert.*`) or official fine-tuned (`text_encoder.*`, `idx_queue`).
 
@@ -281,7 +178,7 @@ def retrieval_state_dict(state_dict: dict, config: ALBEFConfig) -> tuple[dict[st
     return out, report
 
 
-def load_retrieval_state(model: ALBEFRetrieval, state_dict: dict) -> ConversionReport:
+def load_retrieval_state(model: ALBEFRetrieval, state_dict: dict[str, Any]) -> ConversionReport:
     """Load any ALBEF checkpoint dict into `model`; only queues (re-initialised) may be missing.
 
     A pretraining checkpoint has no `idx_queue` (it starts empty) and queues of another size are

@@ -175,7 +175,7 @@ def _key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class TextEncoder(nn.Module):
-    """BERT (no pooler) whose layers split into a text part and a fusion part, plus the MLM head.
+    """BERT (no pooler) whose layers split into a text part and a fusion part, plus the MLM head (optional).
 
     Modes of `forward`:
       - "text":   embeddings + layers [0, fusion_layer)                    (unimodal text features)
@@ -183,12 +183,13 @@ class TextEncoder(nn.Module):
       - "full":   embeddings + all layers (the MLM path)
     """
 
-    def __init__(self, config: TextConfig) -> None:
+    def __init__(self, config: TextConfig, *, with_mlm_head: bool = True) -> None:
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
-        self.cls = BertOnlyMLMHead(config)
+        # retrieval fine-tuning has no MLM loss, and fine-tuned checkpoints carry no head
+        self.cls: BertOnlyMLMHead | None = BertOnlyMLMHead(config) if with_mlm_head else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -237,9 +238,11 @@ class TextEncoder(nn.Module):
 
     def mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., D] -> vocabulary logits [..., V] (decoder tied to the word embeddings)."""
+        if self.cls is None:
+            raise ValueError("this text encoder was built without its MLM head (with_mlm_head=False)")
         head = self.cls.predictions
         return F.linear(head.transform(hidden), self.embeddings.word_embeddings.weight, head.bias)
 
 
-def build_text_encoder(config: TextConfig) -> TextEncoder:
-    return TextEncoder(config)
+def build_text_encoder(config: TextConfig, *, with_mlm_head: bool = True) -> TextEncoder:
+    return TextEncoder(config, with_mlm_head=with_mlm_head)

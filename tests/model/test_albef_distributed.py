@@ -27,7 +27,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         ids[:, 0] = 101
         mask = torch.ones_like(ids)
         out = model(image, ids, mask, ids, torch.full_like(ids, -100), 0.4)
-        model.enqueue(all_gather_no_grad(out.image_feat_m), all_gather_no_grad(out.text_feat_m))
+        model.enqueue(**{k: all_gather_no_grad(v) for k, v in out.queue_update().items()})  # the trainer's call
         torch.save(
             {
                 "initial": initial,

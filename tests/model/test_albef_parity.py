@@ -110,8 +110,9 @@ def test_mlm_logits_and_losses(oracle_model, oracle_outputs: dict) -> None:
     ids, mask, labels = o["mlm_input_ids"], o["attention_mask"], o["mlm_labels"]
     image_embeds, _ = m.encode_image(o["image"])
     image_embeds_m, _ = m.encode_image_m(o["image"])
-    logits = m.mlm_logits(ids, mask, image_embeds)
-    logits_m = m.mlm_logits(ids, mask, image_embeds_m, momentum=True)
+    # all layers + MLM head, cross-attending to the image: what ALBEF._mlm runs (on masked rows only)
+    logits = m.text_encoder.mlm_head(m.text_encoder(ids, mask, image_embeds=image_embeds, mode="full"))
+    logits_m = m.text_encoder_m.mlm_head(m.text_encoder_m(ids, mask, image_embeds=image_embeds_m, mode="full"))
     assert_close("mlm_logits", logits, o["mlm_logits"])
     assert_close("mlm_logits_m", logits_m, o["mlm_logits_m"])
     assert_close("mlm_text_mode_hidden", m.text_encoder(ids, mask, mode="text"), o["mlm_text_mode_hidden"])
@@ -160,7 +161,8 @@ def test_forward_replay_losses_and_queues(oracle_dir, oracle_outputs: dict) -> N
     for name in ("itc_loss", "itm_loss", "mlm_loss"):
         assert getattr(out, name).dtype == torch.float32
     assert torch.equal(model.queue_ptr, torch.zeros(1, dtype=torch.long)), "forward must not touch the queues"
-    model.enqueue(out.image_feat_m, out.text_feat_m)
+    assert set(out.queue_update()) == {"image_feat_m", "text_feat_m"}
+    model.enqueue(**out.queue_update())  # the trainer's task-independent call (all-gathered there)
     assert_close("image_queue_after", model.image_queue, f["image_queue_after"])
     assert_close("text_queue_after", model.text_queue, f["text_queue_after"])
     assert torch.equal(model.queue_ptr, f["queue_ptr_after"])

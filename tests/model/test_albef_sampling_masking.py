@@ -18,7 +18,7 @@ def draws(sim: torch.Tensor, n: int = 200, seed: int = 0, queue: int = 0) -> tup
     gen = torch.Generator().manual_seed(seed)
     extra = torch.randn(sim.shape[0], queue, generator=gen).to(sim.dtype)
     sim_i2t, sim_t2i = torch.cat([sim, extra], dim=1), torch.cat([sim.t(), extra], dim=1)
-    pairs = [sample_hard_negatives(sim_i2t, sim_t2i, gen) for _ in range(n)]
+    pairs = [sample_hard_negatives(sim_i2t, sim_t2i, generator=gen) for _ in range(n)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
@@ -55,6 +55,31 @@ def test_batch_of_two_picks_the_other_and_one_is_refused() -> None:
     assert (neg_image == torch.tensor([1, 0])).all() and (neg_text == torch.tensor([1, 0])).all()
     with pytest.raises(ValueError, match="at least 2"):
         sample_hard_negatives(torch.zeros(1, 5), torch.zeros(1, 5))
+
+
+def test_exclusion_mask_never_draws_a_same_image_pair() -> None:
+    idx = torch.tensor([1, 1, 2, 2, 3, 4])
+    same = idx[:, None] == idx[None, :]
+    g = torch.Generator().manual_seed(0)
+    sims = torch.randn(6, 6 + 8, generator=g) * 5
+    sims[:, :6] += same * 30.0  # same-image pairs would be by far the most likely draws
+    for _ in range(50):
+        neg_img, neg_txt = sample_hard_negatives(sims, sims.flip(0), exclude=same, generator=g)
+        assert (idx[neg_img] != idx).all() and (idx[neg_txt] != idx).all()
+    # a batch of one image: every entry excluded -> fall back to "not the diagonal" rather than NaN
+    neg_img, neg_txt = sample_hard_negatives(torch.zeros(2, 2), torch.zeros(2, 2), exclude=torch.ones(2, 2).bool())
+    assert neg_img.tolist() == [1, 0] and neg_txt.tolist() == [1, 0]
+    with pytest.raises(ValueError, match="exclude"):
+        sample_hard_negatives(sims, sims, exclude=same[:3])
+
+
+def test_default_exclusion_is_the_diagonal() -> None:
+    sims = torch.randn(5, 9) * 3
+    a = sample_hard_negatives(sims, sims.flip(0), generator=torch.Generator().manual_seed(4))
+    b = sample_hard_negatives(
+        sims, sims.flip(0), exclude=torch.eye(5, dtype=torch.bool), generator=torch.Generator().manual_seed(4)
+    )
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def random_batch(n: int, length: int, gen: torch.Generator) -> torch.Tensor:

@@ -68,6 +68,13 @@ def test_every_trainable_param_gets_a_grad_and_momentum_none(tiny: ALBEF) -> Non
         value = getattr(out, name)
         assert value.dtype == torch.float32 and value.dim() == 0 and torch.isfinite(value)
     assert out.image_feat_m.shape == (B, tiny.config.embed_dim) and not out.image_feat_m.requires_grad
+    assert torch.equal(out.loss, sum(out.losses().values())) and set(out.losses()) == {
+        "itc_loss",
+        "itm_loss",
+        "mlm_loss",
+    }
+    assert out.metrics() == {"itc_acc": out.itc_acc, "itm_acc": out.itm_acc, "temp": out.temp}
+    assert out.queue_update() == {"image_feat_m": out.image_feat_m, "text_feat_m": out.text_feat_m}
 
 
 def test_forward_mutates_nothing(tiny: ALBEF) -> None:
