@@ -43,7 +43,7 @@ class VisionEncoder(VisionTransformer):
         )
         self.config = config
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.forward_features(image)
 
 

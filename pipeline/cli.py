@@ -7,9 +7,12 @@ img2dataset) load only when that stage runs.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fire
+
+if TYPE_CHECKING:
+    from pipeline.weights.export import Layout
 
 
 class Finetune:
@@ -69,7 +72,7 @@ class CLI:
 
         return pretrain(config=config, output_dir=output_dir, resume=resume, overrides=overrides)
 
-    def export(self, checkpoint: str, output: str, layout: str = "ours") -> str:
+    def export(self, checkpoint: str, output: str, layout: Layout = "ours") -> str:
         """Write one consolidated {'model': state_dict} file (our layout or the official one)."""
         from pipeline.weights.export import export
 

@@ -280,7 +280,7 @@ def _strip_optional(tp: Any) -> Any:
 def validate_sections(cfg: Any, prefix: str = "") -> None:
     """Run `validate(prefix)` of every nested section of `cfg` (depth first)."""
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
+        value: Any = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value) and callable(getattr(value, "validate", None)):
             value.validate(_join(prefix, f.name))
 

@@ -84,7 +84,7 @@ class TrainStream(IterableDataset):
     """Per-rank training batches; resampled (endless, resumable) or finite (one exact epoch)."""
 
     def __init__(
-        self, cfg: StreamConfig, *, tokenizer, max_len: int, padding: str, seed: int, start_step: int,
+        self, cfg: StreamConfig, *, tokenizer, max_len: int, padding: Literal["longest", "max_length"], seed: int, start_step: int,
         num_steps: int | None, segment_steps: int, resampled: bool, epoch: int,
     ) -> None:
         assert segment_steps > 0 and start_step >= 0, (segment_steps, start_step)

@@ -12,6 +12,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -208,7 +209,12 @@ def _common(samples: list[dict], counter: SkipCounter, normalize: bool) -> dict:
 
 
 def collate_train(
-    samples: list[dict], tokenizer, max_len: int, padding: str, counter: SkipCounter, normalize: bool = True
+    samples: list[dict],
+    tokenizer: Any,
+    max_len: int,
+    padding: Literal["longest", "max_length"],
+    counter: SkipCounter,
+    normalize: bool = True,
 ) -> dict:
     """Training batch: image [B,3,R,R] (float normalised, or uint8), input_ids / attention_mask [B,L]."""
     out = _common(samples, counter, normalize)

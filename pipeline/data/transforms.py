@@ -201,7 +201,7 @@ def decode_region(img: Image.Image, box: tuple[float, float, float, float], res:
         img = img.convert("RGB")
     sx, sy = img.size[0] / full_w, img.size[1] / full_h
     src = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-    return img.resize((res, res), Image.BICUBIC, box=src)
+    return img.resize((res, res), Image.Resampling.BICUBIC, box=src)
 
 
 def to_chw_tensor(img: np.ndarray) -> torch.Tensor:

@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import torch
 
-from model.config import ALBEFConfig
-from model.retrieval import build_retrieval, load_retrieval_state
+from model.config import ALBEFConfig, ModelConfigError
+from model.retrieval import ALBEFRetrieval, build_retrieval, load_retrieval_state
 from pipeline.config import ConfigError, check, from_dict, load_config
 from pipeline.data import build_eval_loader, caption_index
 from pipeline.data.text import build_tokenizer, tokenize
@@ -69,11 +69,8 @@ class EvalConfig:
             check(getattr(self, name) >= 1, f"{p}{name}", f"must be >= 1, got {getattr(self, name)}")
         check(self.max_tokens >= 3, f"{p}max_tokens", f"must be >= 3 ([CLS] x [SEP]), got {self.max_tokens}")
         check(self.num_workers >= 0, f"{p}num_workers", f"must be >= 0, got {self.num_workers}")
-        check(
-            self.image_res is None or (self.image_res >= 16 and self.image_res % 16 == 0),
-            f"{p}image_res",
-            f"must be a positive multiple of the patch size 16, got {self.image_res}",
-        )
+        # A multiple of the checkpoint's patch size: checked when the model config is built.
+        check(self.image_res is None or self.image_res >= 1, f"{p}image_res", f"must be >= 1, got {self.image_res}")
         check(self.vocab is None or Path(self.vocab).is_file(), f"{p}vocab", f"file not found: {self.vocab}")
 
 
@@ -112,18 +109,30 @@ def infer_model_config(loaded: LoadedCheckpoint, preset: str, image_res: int | N
             kwargs = {"embed_dim": int(queue.shape[0]), "queue_size": int(queue.shape[1])}
         cfg = (ALBEFConfig.tiny if preset == "tiny" else ALBEFConfig.base)(image_size=image_res or 384, **kwargs)
     if image_res is not None and image_res != cfg.vision.image_size:
-        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=image_res))
+        try:
+            cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=image_res))
+        except ModelConfigError as err:
+            raise ConfigError("image_res", str(err)) from None
     return cfg
 
 
-def load_eval_model(path: str | Path, cfg: EvalConfig, device: torch.device) -> tuple[Any, LoadedCheckpoint]:
-    """Retrieval model with the checkpoint's weights (any supported layout), eval mode, on `device`."""
+def read_eval_checkpoint(path: str | Path, cfg: EvalConfig) -> tuple[LoadedCheckpoint, ALBEFConfig]:
+    """The checkpoint (weights-only) and the model config to evaluate it with; ConfigError naming
+    `checkpoint` when it cannot be read, `image_res` / `preset` when the config cannot be built."""
+    try:
+        loaded = read_checkpoint(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError("checkpoint", str(err)) from None
+    return loaded, infer_model_config(loaded, cfg.preset, cfg.image_res)
 
-    loaded = read_checkpoint(path)
-    model_cfg = infer_model_config(loaded, cfg.preset, cfg.image_res)
+
+def build_eval_model(
+    loaded: LoadedCheckpoint, model_cfg: ALBEFConfig, cfg: EvalConfig, device: torch.device
+) -> ALBEFRetrieval:
+    """Retrieval model with the checkpoint's weights (any supported layout), eval mode, on `device`."""
     model = build_retrieval(model_cfg)
     load_retrieval_state(model, loaded.state_dict)  # logs what was mapped, skipped, interpolated
-    return model.to(device=device, dtype=eval_dtype(cfg.precision, device)).eval(), loaded
+    return model.to(device=device, dtype=eval_dtype(cfg.precision, device)).eval()
 
 
 def eval_dtype(precision: str, device: torch.device) -> torch.dtype:

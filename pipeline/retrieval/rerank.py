@@ -178,7 +178,8 @@ def score_matrices(
     """
     sims = enc.similarity()  # [N_img, N_txt]
     out: dict[str, list[torch.Tensor]] = {"itc": [sims.cpu(), sims.T.contiguous().cpu()], "itm": [], "itm_itc": []}
-    for side, side_sims in (("i2t", sims), ("t2i", sims.T)):
+    sides: tuple[tuple[Literal["i2t", "t2i"], torch.Tensor], ...] = (("i2t", sims), ("t2i", sims.T))
+    for side, side_sims in sides:
         start, end = row_range(side_sims.shape[0], rank, world_size)
         rows = torch.arange(start, end, device=side_sims.device)
         block = rerank_block(enc, side_sims, rows, k, side, itm_fn, pairs_per_batch, trim_padding)

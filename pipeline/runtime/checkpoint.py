@@ -124,11 +124,22 @@ def save(
     logger.info("saved checkpoint %s/%s", ckpt_dir, tag)
 
 
-def load(engine: Any, ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
-    """Collective DeepSpeed load (module, fp32 master + optimizer, counters); returns the client state."""
-    path, client_state = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+def load(engine: Any, ckpt_dir: str | Path, tag: str, load_file: Callable[..., Any]) -> dict[str, Any]:
+    """Collective DeepSpeed load (module, fp32 master + optimizer, counters); returns the client state.
+
+    DeepSpeed reads every file through `engine.checkpoint_engine.load`, which unpickles without
+    restriction; for this call it reads through `load_file(path, map_location)` instead (the
+    caller passes the weights-only reader), so a planted payload cannot run on resume.
+    """
+    reader = engine.checkpoint_engine
+    unrestricted = reader.load
+    reader.load = lambda path, map_location=None: load_file(path, map_location)
+    try:
+        path, client_state = engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    finally:
+        reader.load = unrestricted
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
     logger.info("resumed from %s", path)

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -157,9 +157,9 @@ def _validate(info: DistInfo) -> None:
         raise DistEnvError(f"master port {info.master_port} outside (0, 65536)")
 
 
-def export_env(info: DistInfo, env: dict[str, str] | None = None) -> None:
-    """Write the torch launcher variables DeepSpeed and torch.distributed read."""
-    env = os.environ if env is None else env  # type: ignore[assignment]
+def export_env(info: DistInfo, env: MutableMapping[str, str] | None = None) -> None:
+    """Write the torch launcher variables DeepSpeed and torch.distributed read (default: os.environ)."""
+    env = os.environ if env is None else env
     env["RANK"] = str(info.rank)
     env["WORLD_SIZE"] = str(info.world_size)
     env["LOCAL_RANK"] = str(info.local_rank)

@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from safetensors.torch import load_file
 
 from pipeline.runtime import checkpoint
@@ -35,7 +38,7 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp_path)`, fsync, rename to `path` (parents created). Returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +57,10 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    return write_atomic(path, write)
 
 
 def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> Path:
@@ -74,10 +80,18 @@ class CheckpointReadError(ValueError):
     """A checkpoint that cannot be read safely (wrong kind, not weights-only, malformed)."""
 
 
-def torch_load_weights_only(path: str | Path) -> Any:
-    """`torch.load` that refuses anything but tensors and plain containers (never runs pickled code)."""
+# Plain-data classes DeepSpeed pickles into its optimizer states (loss scaler settings, the ZeRO
+# stage enum, fragment offsets). Allowing them lets the weights-only unpickler rebuild them from
+# their attributes; it still refuses every other global, so no `__reduce__` payload can run.
+DEEPSPEED_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def torch_load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
+    """`torch.load` that refuses anything but tensors, plain containers and DeepSpeed's plain-data
+    classes above (never runs pickled code)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - every refusal and corruption is reported the same way
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointReadError(f"{path}: cannot read as a weights-only torch file ({first})") from None

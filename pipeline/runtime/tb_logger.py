@@ -43,7 +43,7 @@ class TBLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self.writer: SummaryWriter | None = None
+            self.writer = None
 
 
 def console_line(step: int, total: int, epoch: float, values: Mapping[str, float]) -> str:

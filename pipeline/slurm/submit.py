@@ -213,11 +213,11 @@ def build_plan(settings: SlurmSettings, stages: list[str]) -> Plan:
         args += _override_args({**st.overrides}, feeds.get("pretrain", {}), "pretrain.overrides")
         add("pretrain", st.resources, "pretrain.sbatch", args, signal=st.preempt_grace_s)
     if "finetune" in stages:
-        st = settings.finetune
-        checkpoint = _abs(st.checkpoint) if st.checkpoint else str(run_dir / "pretrain")
-        args = [str(run_dir / "finetune"), str(resolve_config_path(st.config, "finetune.config")), checkpoint]
-        args += _override_args({**st.overrides}, feeds.get("finetune", {}), "finetune.overrides")
-        add("finetune", st.resources, "finetune.sbatch", args, signal=st.preempt_grace_s)
+        ft = settings.finetune
+        checkpoint = _abs(ft.checkpoint) if ft.checkpoint else str(run_dir / "pretrain")
+        args = [str(run_dir / "finetune"), str(resolve_config_path(ft.config, "finetune.config")), checkpoint]
+        args += _override_args({**ft.overrides}, feeds.get("finetune", {}), "finetune.overrides")
+        add("finetune", ft.resources, "finetune.sbatch", args, signal=ft.preempt_grace_s)
     if "eval" in stages:
         lines = _eval_tasks(settings, run_dir, feeds.get("eval", {}).get("", []))
         tasks = run_dir / "slurm" / "eval_tasks.tsv"

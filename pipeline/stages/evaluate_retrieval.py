@@ -26,7 +26,14 @@ import torch.distributed as dist
 
 from pipeline.config import ConfigError, check, resolve_path, to_dict
 from pipeline.data import read_manifest
-from pipeline.retrieval.evaluate import SCORES, eval_dtype, evaluate_model, load_eval_config, load_eval_model
+from pipeline.retrieval.evaluate import (
+    SCORES,
+    build_eval_model,
+    eval_dtype,
+    evaluate_model,
+    load_eval_config,
+    read_eval_checkpoint,
+)
 from pipeline.retrieval.report import format_table, plot_recall, report_stem, tensorboard_scalars
 from pipeline.runtime.distributed import dist_info_from_env, init_distributed
 from pipeline.runtime.ds_config import resolve_device
@@ -62,12 +69,13 @@ def evaluate_retrieval(
             manifest = read_manifest(data)
         except (OSError, ValueError) as err:
             raise ConfigError("data", str(err)) from None
+        loaded, model_cfg = read_eval_checkpoint(checkpoint, cfg)
     except ConfigError as err:
         logger.error("%s", err)
         raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
     device = init_distributed(info, kind, timeout_s=3600.0, group_of_one=False)
     rank, world = info.rank, info.world_size
-    model, loaded = load_eval_model(checkpoint, cfg, device)
+    model = build_eval_model(loaded, model_cfg, cfg, device)
     result = evaluate_model(model, data, cfg, device, rank=rank, world_size=world)
     dataset, split = cfg.dataset or str(manifest.get("source", Path(data).name)), manifest.get("split")
     stem = report_stem(dataset, split)

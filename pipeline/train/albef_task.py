@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from model.albef import ALBEFBase
 from model.config import ALBEFConfig
 from pipeline.config import build_model_config
 from pipeline.data import build_train_loader, load_sources
@@ -74,6 +75,7 @@ class AlbefTask(TrainTask):
         )
 
     def begin_step(self, model: nn.Module, ctx: StepContext) -> None:
+        assert isinstance(model, ALBEFBase), type(model)
         model.momentum_update()  # once per optimizer step, before the forward (official order)
 
     def forward(self, engine: Any, batch: dict, ctx: StepContext) -> StepOutput:

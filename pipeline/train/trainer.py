@@ -54,6 +54,7 @@ from pipeline.config import LoggingConfig, OptimConfig, TrainConfig
 from pipeline.runtime import checkpoint
 from pipeline.runtime.distributed import DistInfo, device_for
 from pipeline.runtime.ds_config import precision_of
+from pipeline.runtime.io import torch_load_weights_only
 from pipeline.runtime.exit_codes import FINISHED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from pipeline.runtime.preemption import PreemptionHandler
 from pipeline.runtime.seeds import derive_seed
@@ -81,7 +82,8 @@ class RunState:
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two AdamW groups: decay on >= 2-D weights, none on biases/0-1-D."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -135,10 +137,10 @@ class Trainer:
         for p in scalars:
             # DeepSpeed 0.19.8's _broadcast_model does p.data.view(torch.uint8), which raises for 0-d
             # tensors (ALBEF's temp). This attribute makes it skip them; we broadcast them below.
-            p.ds_optim_param = True
+            setattr(p, "ds_optim_param", True)  # noqa: B010 - an attribute DeepSpeed looks up by name
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
         for p in scalars:
-            del p.ds_optim_param
+            delattr(p, "ds_optim_param")  # noqa: B043
         self._restore_fp32_buffers(kept)
         self._broadcast(list(self.engine.module.buffers()) + scalars)
         n_train = sum(p.numel() for g in groups for p in g["params"])
@@ -178,7 +180,7 @@ class Trainer:
                 raise FileNotFoundError(f"--resume {resume}: nothing to resume from")
             logger.info("starting from scratch (resume=%s)", resume)
             return
-        client = checkpoint.load(self.engine, *found)
+        client = checkpoint.load(self.engine, *found, load_file=torch_load_weights_only)
         run = client.get("run", {})
         self.state = RunState(
             step=int(run.get("step", 0)),

@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from data_prep.synthetic import write_synthetic
 from pipeline.config import REPO_ROOT
+from pipeline.runtime.io import torch_load_weights_only
 
 
 def write_split(root: Path, images: list, images_dir: Path, split: str, per_shard: int = 64) -> Path:
@@ -171,13 +172,11 @@ def read_log(log_dir: Path, tag: str, rank: int = 0) -> str:
 
 
 def model_states(ckpt_dir: Path, tag: str) -> dict:
-    return torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    return torch_load_weights_only(ckpt_dir / tag / "mp_rank_00_model_states.pt")
 
 
 def optim_states(ckpt_dir: Path, tag: str, rank: int) -> dict:
-    return torch.load(
-        ckpt_dir / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", map_location="cpu", weights_only=True
-    )
+    return torch_load_weights_only(ckpt_dir / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
 
 
 def tb_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:

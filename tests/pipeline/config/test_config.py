@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.config import (
     CONFIG_DIR,
+    REPO_ROOT,
     ConfigError,
     apply_overrides,
     build_model_config,

@@ -15,7 +15,7 @@ from pipeline_testutils import make_synthetic_splits
 
 from model import ALBEFConfig, build_albef
 from model.convert import to_official
-from pipeline.config import ConfigError
+from pipeline.config import REPO_ROOT, ConfigError
 from pipeline.retrieval.report import METRIC_KEYS
 from pipeline.stages.evaluate_retrieval import evaluate_retrieval, load_eval_config
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pipeline_testutils import make_synthetic_splits
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import REPO_ROOT, ConfigError, load_config
 from pipeline.stages.finetune_retrieval import RetrievalConfig, RetrievalTask, finetune_retrieval
 
 
