@@ -15,6 +15,14 @@ Facts about img2dataset 1.47.0 this module is built on (checked by experiment, s
   before the first `_`), so nothing of ours may live in that folder.
 - Shard k holds input rows [k*N, (k+1)*N) of the parquet, in order; `file://` URLs work, bare
   paths fail ("unknown url type"); truncated or non-image files fail as "Image decoding error".
+  urllib fetches whatever scheme it is given (file:// included), so the rows must be trusted:
+  `data_prep.records` lets only http(s) through from lists and builds file:// URLs itself.
+- Decoding is `cv2.imdecode` (the resizer); its `max_image_area` is checked only *after* the
+  decode, too late for a decompression bomb (a 875 KB PNG declaring 30000x30000 costs ~1.7 GB).
+  OpenCV's own limit, the environment variable OPENCV_IO_MAX_IMAGE_PIXELS (read once when cv2 is
+  loaded; default 2^30), is checked on the header before any pixel buffer exists, and the resizer
+  reports its cv2.error as the failure ("... pixels <= CV_IO_MAX_IMAGE_PIXELS ..."). So the child
+  and its spawned workers get `--max_pixels` in that variable (`child_env`).
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ FINGERPRINT_KEY = b"albef_prep_fingerprint"
 ADDITIONAL_COLUMNS = ["captions", "image_id"]
 # Options that change what lands in the shards: resuming with different values would mix them.
 SHARD_DEFINING = ("samples_per_shard", "image_size", "resize_mode", "resize_only_if_bigger", "encode_quality",
-                  "min_image_size", "extract_exif")  # fmt: skip
+                  "min_image_size", "extract_exif", "max_pixels")  # fmt: skip
+MAX_PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
 
 
 def rows_fingerprint(rows: list[ImageRow], opts: PrepOptions) -> str:
@@ -106,15 +115,22 @@ def download_kwargs(opts: PrepOptions, input_parquet: Path, shards_dir: Path) ->
     }
 
 
-def run_img2dataset(kwargs: dict[str, Any]) -> int:
-    """Run `img2dataset.download(**kwargs)` in a child process; returns the child's exit code.
-
-    The child stays in our process group, so Ctrl-C (or killing the group) reaches it and its
-    spawned workers at once; if we are interrupted otherwise, the child is terminated.
-    """
-    env = {**os.environ, **CHILD_ENV}
+def child_env(max_pixels: int) -> dict[str, str]:
+    """Environment of the img2dataset child: ours on top of the caller's (module docstring)."""
+    env = {**os.environ, **CHILD_ENV, MAX_PIXELS_ENV: str(max_pixels)}
     package_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_img2dataset(kwargs: dict[str, Any], max_pixels: int) -> int:
+    """Run `img2dataset.download(**kwargs)` in a child process; returns the child's exit code.
+
+    Images over `max_pixels` (width*height) fail on their header, before decoding. The child
+    stays in our process group, so Ctrl-C (or killing the group) reaches it and its spawned
+    workers at once; if we are interrupted otherwise, the child is terminated.
+    """
+    env = child_env(max_pixels)
     cmd = [sys.executable, "-m", "data_prep.img2ds", json.dumps(kwargs)]
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -132,6 +148,8 @@ def run_img2dataset(kwargs: dict[str, Any]) -> int:
 
 def _child_main(argv: list[str]) -> int:
     os.environ.update(CHILD_ENV)  # before the import: albumentations checks it at import time
+    if MAX_PIXELS_ENV not in os.environ or "cv2" in sys.modules:
+        raise RuntimeError(f"run through run_img2dataset: {MAX_PIXELS_ENV} must be set before cv2 loads")
     import img2dataset
 
     img2dataset.download(**json.loads(argv[1]))

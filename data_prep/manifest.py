@@ -1,5 +1,9 @@
 """manifest.json: what a prep output folder holds, from img2dataset's per-shard stats and parquets.
 
+Rows the readers skipped are counted per reason in `skipped`, with the first few locations of each
+("file:line") in `skipped_examples`; images img2dataset could not fetch or decode are counted per
+cause in `failures` (e.g. `MAX_PIXELS_REASON` for a decompression bomb).
+
 The loader sizes epochs and mixes sources from this file alone, so it is rebuilt from what is on
 disk after every run (a resumed run included) and written atomically: a reader sees the old
 manifest or the new one, never half of one.
@@ -27,6 +31,7 @@ MANIFEST_NAME = "manifest.json"  # in every prep output folder, beside img2datas
 FORMAT_VERSION = 1
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count default: shard names 00000.tar, 00001.tar, ...
 MAX_REASONS = 50  # distinct failure reasons kept; the rest are summed under "other"
+MAX_PIXELS_REASON = "image larger than max_pixels"  # width*height over --max_pixels, refused before decoding
 
 
 def shard_name(shard_id: int) -> str:
@@ -38,8 +43,12 @@ def normalize_reason(message: str | None) -> str:
 
     img2dataset's messages embed object addresses ("<_io.BytesIO object at 0x7f..>") and the
     URL or path ("unknown url type: '/x.jpg'"); both would make every failure its own reason.
+    OpenCV's refusal of an image over the pixel limit (`data_prep.img2ds`) becomes
+    `MAX_PIXELS_REASON`.
     """
     text = message or "unknown"
+    if "CV_IO_MAX_IMAGE_PIXELS" in text:
+        return MAX_PIXELS_REASON
     text = re.sub(r" at 0x[0-9a-fA-F]+", "", text)
     text = re.sub(r"'[^']*'", "'…'", text)
     return text.strip()
@@ -113,6 +122,7 @@ def build_manifest(
         "input_rows": rows.input_rows,
         "download_rows": len(rows.rows),
         "skipped": dict(rows.skipped),
+        "skipped_examples": {reason: list(where) for reason, where in rows.skipped_examples.items()},
         "successes": num_samples,
         "failures": _capped(failures),
         "complete": not missing,

@@ -19,6 +19,9 @@ SOURCES = ("cc3m", "cc12m", "sbu", "coco", "vg", "flickr30k", "generic")
 SPLITS = ("train", "val", "test")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 GENERIC_FORMATS = ("parquet", "tsv", "csv", "json", "jsonl")
+# PIL's Image.MAX_IMAGE_PIXELS (89.5 MPixel, ~270 MB decoded as RGB): a 48 MPixel camera photo
+# passes, a decompression bomb (a small file declaring e.g. 30000x30000) does not.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 def _default_processes() -> int:
@@ -33,7 +36,9 @@ class PrepOptions:
     split: str | None = (
         None  # train|val|test. coco/flickr30k: the Karpathy split (coco train = train+restval); else a label
     )
-    image_root: str | None = None  # coco/flickr30k: local folder (-> file:// URLs) or http(s) base URL
+    image_root: str | None = (
+        None  # coco/flickr30k/generic: local folder (-> file:// URLs, names must stay inside) or http(s) base URL
+    )
     regions: str | None = None  # vg: path of region_descriptions.json (--input is image_data.json)
     exclude: str | None = None  # vg: file of image ids to drop, one per line; "coco:ID" matches image_data's coco_id
     min_region_size: int = 32  # vg: pixels; regions whose shorter side is smaller are dropped
@@ -54,6 +59,7 @@ class PrepOptions:
     retries: int = 2  # extra download attempts per URL
     timeout: int = 10  # seconds per download attempt
     min_image_size: int = 0  # pixels; smaller images are dropped as failures ("image too small")
+    max_pixels: int = DEFAULT_MAX_PIXELS  # width*height; larger images fail before decoding (decompression bombs)
     extract_exif: bool = False  # EXIF in each sample's json (off: ALBEF does not use it)
     user_agent_token: str | None = None  # identifies the crawler in the User-Agent header
     overwrite: bool = False  # delete existing shards first instead of resuming
@@ -70,7 +76,7 @@ SOURCE_OPTIONS: dict[str, frozenset[str]] = {
     "coco": frozenset({"image_root"}),
     "vg": frozenset({"regions", "exclude", "min_region_size"}),
     "flickr30k": frozenset({"image_root"}),
-    "generic": frozenset({"url_col", "caption_col", "id_col", "input_format", "duplicate_urls"}),
+    "generic": frozenset({"url_col", "caption_col", "id_col", "input_format", "duplicate_urls", "image_root"}),
 }
 _SPECIFIC = frozenset().union(*SOURCE_OPTIONS.values())
 _REQUIRED: dict[str, tuple[str, ...]] = {"coco": ("split",), "vg": ("regions",), "flickr30k": ("split", "image_root")}
@@ -82,7 +88,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _MINIMUM: dict[str, int] = {
     "image_size": 1, "processes": 1, "threads": 1, "samples_per_shard": 1, "retries": 0, "timeout": 1,
-    "min_region_size": 0, "min_image_size": 0, "encode_quality": 0,
+    "min_region_size": 0, "min_image_size": 0, "encode_quality": 0, "max_pixels": 1,
 }  # fmt: skip
 
 

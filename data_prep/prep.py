@@ -7,6 +7,16 @@ parses every *.json inside its folder):
     DIR/manifest.json
 Re-running the same command on a partial DIR resumes: finished shards (those with a stats file)
 are not downloaded again, and the manifest is rebuilt from everything on disk.
+
+Guarantees (each row that breaks one is skipped and counted in the manifest, never fatal):
+- URLs from a list are http(s) only; a local file is read only when named relative to an explicit
+  `--image_root` folder and resolving inside it (`data_prep.records`, `data_prep.image_root`);
+- an image over `--max_pixels` (width*height, default PIL's 89.5M) fails on its header, before
+  any pixel buffer is allocated (`data_prep.img2ds`), counted as "image larger than max_pixels";
+- a text-list row that is not valid UTF-8 is skipped (`not_utf8`, with its line in
+  `skipped_examples`); a whole-file JSON with a bad byte is an error naming the file and line.
+Bad options, a malformed list or an --output that is not a folder exit with code 2 and one line
+on stderr, before anything is written.
 """
 
 from __future__ import annotations
@@ -46,8 +56,7 @@ def run_prep(source: str, input: str | None = None, output: str | None = None, *
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         manifest = prepare(source, input, output, **options)
-    except PrepError as err:
-        logger.error("%s", err)
+    except PrepError as err:  # one line on stderr (not also logged: the log handler writes there too)
         print(f"albef prep: error: {err}", file=sys.stderr)
         return 2
     return 0 if manifest["complete"] else 1
@@ -57,21 +66,23 @@ def prepare(source: str, input: str | Path | None, output: str | Path | None, **
     """Read the native list, run img2dataset (resuming), write and return the manifest.
 
     Raises:
-        PrepOptionsError: unknown/inapplicable/missing option or bad value.
-        PrepInputError: malformed input (message names the file and line), or no usable row.
+        PrepOptionsError: unknown/inapplicable/missing option or bad value, or an --output that
+            exists but is not a folder (checked before anything is read or written).
+        PrepInputError: malformed input (message names the file and line), an --input that is
+            missing or a folder, or no usable row.
         PrepError: the output folder holds shards made from another input or settings.
     """
     start = time.time()
     opts = parse_options(source, options)
-    if input is None or output is None:
-        raise PrepOptionsError("--input and --output are required")
-    out_dir = Path(output)
-    rows = READERS[source](Path(input), opts)
+    in_path, out_dir = _path_flag("input", input), _path_flag("output", output)
+    _check_output_path(out_dir)
+    rows = READERS[source](in_path, opts)
     logger.info(
         "%s: %d input rows -> %d images to download; skipped %s", source, rows.input_rows, len(rows.rows), rows.skipped
     )
     if not rows.rows:
-        raise PrepInputError(str(input), f"no usable rows (skipped: {rows.skipped})")
+        hint = "; list URLs must be http(s), local files need --image_root" if "bad_url_scheme" in rows.skipped else ""
+        raise PrepInputError(str(in_path), f"no usable rows (skipped: {rows.skipped}){hint}")
 
     shards_dir = out_dir / SHARDS_DIR
     input_parquet = out_dir / INPUT_PARQUET
@@ -82,7 +93,7 @@ def prepare(source: str, input: str | Path | None, output: str | Path | None, **
     expected_shards = math.ceil(len(rows.rows) / opts.samples_per_shard)
     unfinished = [k for k in range(expected_shards) if not (shards_dir / f"{shard_name(k)}_stats.json").is_file()]
     if unfinished:  # img2dataset would skip finished shards itself, but costs ~15 s of start-up
-        code = run_img2dataset(download_kwargs(opts, input_parquet.resolve(), shards_dir.resolve()))
+        code = run_img2dataset(download_kwargs(opts, input_parquet.resolve(), shards_dir.resolve()), opts.max_pixels)
         if code != 0:
             logger.error("img2dataset exited with code %d", code)
     else:
@@ -96,9 +107,31 @@ def prepare(source: str, input: str | Path | None, output: str | Path | None, **
     return manifest
 
 
+def _path_flag(name: str, value: object) -> Path:
+    """--input/--output as a Path; Fire hands `--output 2024` over as an int."""
+    if value is None or value == "":
+        raise PrepOptionsError(f"--{name} is required")
+    if isinstance(value, bool) or not isinstance(value, (str, Path, int)):
+        raise PrepOptionsError(f"--{name} must be a path, got {value!r}")
+    return Path(str(value))
+
+
+def _check_output_path(out_dir: Path) -> None:
+    """--output must be a folder or creatable as one: not a file, nor below a file."""
+    for path in (out_dir, *out_dir.parents):
+        if path.is_dir():
+            return
+        if path.exists() or path.is_symlink():
+            what = "is not a folder" if path == out_dir else f"cannot be created: {path} is not a folder"
+            raise PrepOptionsError(f"--output {out_dir} {what}")
+
+
 def _prepare_output(out_dir: Path, shards_dir: Path, input_parquet: Path, fingerprint: str, overwrite: bool) -> None:
     """Create DIR, or check that its finished shards came from this same input and settings."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. no permission; a file in the way was refused up front
+        raise PrepError(f"--output {out_dir} cannot be created ({err.strerror})") from None
     if overwrite and shards_dir.exists():
         logger.info("--overwrite: removing %s", shards_dir)
         shutil.rmtree(shards_dir)

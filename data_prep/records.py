@@ -2,13 +2,21 @@
 
 Every reader turns its native file into `ImageRow`s (one per image to download: url, all its raw
 captions, an image id) through one `RowCollector`, so the rules are identical across sources:
+- a URL taken from a list must be http or https (`WEB_SCHEMES`); any other (file://, ftp://, gs://,
+  data:, a bare path) is skipped and counted (`bad_url_scheme`). Lists come from the web: a
+  `file:///etc/passwd` row must never make img2dataset read a local file;
+- local files come only from an explicit `--image_root` (`RowCollector.add_named` with a
+  `data_prep.image_root.ImageRoot`): a relative name is resolved under the root and the file:// URL
+  is built by us; a name that escapes the root (absolute, `..`, a symlink pointing out) is skipped
+  and counted (`outside_image_root`);
+- a line of a text list that is not valid UTF-8 is skipped and counted (`not_utf8`), not fatal;
 - an empty URL is malformed input: a `PrepInputError` naming the file and line;
-- a URL whose scheme is not http/https/file is skipped and counted (`bad_url_scheme`): img2dataset
-  cannot fetch bare paths or other schemes, it would only record a failure per row;
 - empty captions are dropped and counted (`empty_caption`); an image left with none is skipped
   (a multi-caption image left with none is also counted as `no_caption_left`);
 - a URL already seen is skipped and counted (`duplicate_url`), or its captions merged into the
   first row when the source is one-caption-per-row and the user asked for `duplicate_urls=merge`.
+Each skip reason also keeps the first `MAX_EXAMPLES` locations ("file:line" or "file: entry N"),
+which the manifest reports as `skipped_examples`.
 Captions are kept raw (only surrounding whitespace is stripped): cleaning belongs to the loader.
 """
 
@@ -16,16 +24,22 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from tqdm import tqdm
 
 from data_prep.errors import PrepInputError
 
-ALLOWED_SCHEMES = ("http", "https", "file")
+if TYPE_CHECKING:
+    from data_prep.image_root import ImageRoot
+
+WEB_SCHEMES = ("http", "https")  # the only schemes accepted from a list; file:// is built from --image_root only
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")  # RFC 3986 scheme syntax
+MAX_EXAMPLES = 5  # locations kept per skip reason
 DuplicatePolicy = Literal["skip", "merge"]
 T = TypeVar("T")
 
@@ -46,6 +60,7 @@ class SourceRows:
     rows: list[ImageRow]
     input_rows: int
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first locations
 
 
 def url_image_id(url: str) -> str:
@@ -54,8 +69,9 @@ def url_image_id(url: str) -> str:
 
 
 def url_scheme(url: str) -> str:
-    head, sep, _ = url.partition("://")
-    return head.lower() if sep else ""
+    """The URL's scheme, lower-cased ("" for a bare path). `file:/x` and `data:...` have one too."""
+    match = _SCHEME.match(url)
+    return match.group(1).lower() if match else ""
 
 
 class RowCollector:
@@ -67,33 +83,55 @@ class RowCollector:
         self.duplicate_urls = duplicate_urls
         self.rows: list[ImageRow] = []
         self.skipped: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, list[str]] = {}
         self.input_rows = 0
         self._row_by_url: dict[str, ImageRow] = {}
         self._ids: set[str] = set()
 
-    def skip(self, reason: str, n: int = 1) -> None:
+    def skip(self, reason: str, where: str | None = None, n: int = 1) -> None:
+        """Count `n` skipped items under `reason`, remembering `where` among its first examples."""
         self.skipped[reason] += n
+        if where is not None:
+            examples = self.examples.setdefault(reason, [])
+            if len(examples) < MAX_EXAMPLES:
+                examples.append(where)
+
+    def skip_row(self, reason: str, where: str) -> None:
+        """Skip a whole native record (it still counts in `input_rows`)."""
+        self.input_rows += 1
+        self.skip(reason, where)
 
     def add(self, url: object, captions: Iterable[object] | object, image_id: str | None, *, where: str) -> None:
-        """Add one native record (counted in `input_rows`).
+        """Add one native record whose URL comes from the list (counted in `input_rows`).
 
         Args:
-            url: the image URL as read (non-str values are malformed input).
+            url: the image URL as read (non-str values are malformed input); only http(s) is used.
             captions: one caption or a list of them (None/empty entries are dropped and counted).
             image_id: the source's own id, or None to derive one from the URL.
-            where: "file:line" (or "file: entry N") for error messages.
+            where: "file:line" (or "file: entry N") for error messages and skip examples.
         """
         self.input_rows += 1
-        if url is None or (isinstance(url, float) and url != url):  # None / pandas-style NaN
-            url = ""
-        if not isinstance(url, str):
-            raise PrepInputError(where, f"URL must be a string, got {type(url).__name__} {url!r}")
-        url = url.strip()
-        if not url:
-            raise PrepInputError(where, "empty URL")
-        if url_scheme(url) not in ALLOWED_SCHEMES:
-            self.skip("bad_url_scheme")
+        url = _required_str(url, "URL", where)
+        if url_scheme(url) not in WEB_SCHEMES:
+            self.skip("bad_url_scheme", where)
             return
+        self._add_row(url, captions, image_id, where)
+
+    def add_named(
+        self, root: ImageRoot, name: object, captions: Iterable[object] | object, image_id: str | None, *, where: str
+    ) -> None:
+        """Like `add`, for an image given by its name relative to `root` (counted in `input_rows`).
+
+        A name that escapes the root is skipped and counted as `outside_image_root`.
+        """
+        self.input_rows += 1
+        url = root.url(_required_str(name, "image name", where))
+        if url is None:
+            self.skip("outside_image_root", where)
+            return
+        self._add_row(url, captions, image_id, where)
+
+    def _add_row(self, url: str, captions: Iterable[object] | object, image_id: str | None, where: str) -> None:
         kept = self._clean_captions(captions, where)
         if not kept:
             return
@@ -102,11 +140,11 @@ class RowCollector:
             if self.duplicate_urls == "merge":
                 seen.captions.extend(kept)
             else:
-                self.skip("duplicate_url")
+                self.skip("duplicate_url", where)
             return
         image_id = url_image_id(url) if image_id is None else str(image_id)
         if image_id in self._ids:
-            self.skip("duplicate_image_id")
+            self.skip("duplicate_image_id", where)
             return
         row = ImageRow(url=url, captions=kept, image_id=image_id)
         self._row_by_url[url] = row
@@ -127,13 +165,30 @@ class RowCollector:
             if caption:
                 kept.append(caption)
             else:
-                self.skip("empty_caption")
+                self.skip("empty_caption", where)
         if not kept and not single:  # a one-caption row is already counted as empty_caption
-            self.skip("no_caption_left")
+            self.skip("no_caption_left", where)
         return kept
 
     def result(self) -> SourceRows:
-        return SourceRows(rows=self.rows, input_rows=self.input_rows, skipped=dict(sorted(self.skipped.items())))
+        return SourceRows(
+            rows=self.rows,
+            input_rows=self.input_rows,
+            skipped=dict(sorted(self.skipped.items())),
+            skipped_examples={k: list(v) for k, v in sorted(self.examples.items())},
+        )
+
+
+def _required_str(value: object, what: str, where: str) -> str:
+    """A stripped, non-empty string, or a `PrepInputError` (None and pandas-style NaN count as empty)."""
+    if value is None or (isinstance(value, float) and value != value):
+        value = ""
+    if not isinstance(value, str):
+        raise PrepInputError(where, f"{what} must be a string, got {type(value).__name__} {value!r}")
+    value = value.strip()
+    if not value:
+        raise PrepInputError(where, f"empty {what}")
+    return value
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
@@ -142,25 +197,46 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
 
 
 def require_file(path: Path, what: str) -> Path:
-    """Fail early with the flag's name when an input file is missing."""
+    """Fail early, naming the flag, when an input is missing, a folder, or unreadable."""
+    if path.is_dir():
+        raise PrepInputError(str(path), f"{what} is a folder, not a file")
     if not path.is_file():
         raise PrepInputError(str(path), f"{what} not found")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise PrepInputError(str(path), f"{what} cannot be read ({err.strerror})") from None
     return path
 
 
-def iter_text_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+def read_lines(path: Path, what: str) -> Iterator[tuple[int, str | None]]:
     """(1-based line number, line without its newline) for a UTF-8 text file, with a progress bar.
 
-    Decoding errors become `PrepInputError`s naming the line, not a bare UnicodeDecodeError.
+    A line that is not valid UTF-8 comes as None, so a reader can skip and count that one row;
+    `iter_text_lines` is the strict form.
     """
     require_file(path, what)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(tqdm(f, desc=f"reading {path.name}", unit=" lines", disable=None), start=1):
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise PrepInputError(f"{path}:{lineno}", f"not valid UTF-8 ({err.reason})") from None
+            except UnicodeDecodeError:
+                yield lineno, None
+                continue
             yield lineno, line.rstrip("\r\n")
+
+
+def iter_text_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """`read_lines` for files where one bad line spoils the whole file (an exclusion list, a header).
+
+    Raises:
+        PrepInputError: naming the first line that is not valid UTF-8.
+    """
+    for lineno, line in read_lines(path, what):
+        if line is None:
+            raise PrepInputError(f"{path}:{lineno}", "not valid UTF-8")
+        yield lineno, line
 
 
 def split_fields(path: Path, lineno: int, line: str, expected: int, delimiter: str = "\t") -> list[str]:

@@ -12,6 +12,8 @@ from data_prep.records import require_file
 
 
 def load_json(path: Path, what: str) -> Any:
+    """Parse a whole JSON file. It cannot be read row by row, so a byte that is not UTF-8 is an error
+    naming the file and line (unlike text lists, where only that row is skipped)."""
     require_file(path, what)
     with open(path, encoding="utf-8") as f:
         try:
@@ -19,7 +21,21 @@ def load_json(path: Path, what: str) -> Any:
         except json.JSONDecodeError as err:
             raise PrepInputError(f"{path}:{err.lineno}", f"invalid JSON ({err.msg}, column {err.colno})") from None
         except UnicodeDecodeError as err:
-            raise PrepInputError(str(path), f"not valid UTF-8 ({err.reason})") from None
+            where = _bad_utf8_line(path)
+            raise PrepInputError(
+                where, f"{what} is not valid UTF-8 ({err.reason}); a JSON file is parsed whole"
+            ) from None
+
+
+def _bad_utf8_line(path: Path) -> str:
+    """`path:line` of the first byte that is not UTF-8 (only on the error path: reads the file again)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return f"{path}:{line}"
+    return str(path)
 
 
 def columns_to_records(path: Path, data: dict[str, Any], columns: tuple[str, ...]) -> Iterator[dict[str, Any]]:

@@ -6,7 +6,10 @@ Each image's region phrases become its captions, after the filtering the ALBEF p
 - regions whose shorter side is below `--min_region_size` pixels are dropped (`tiny_region`): such
   boxes describe a detail the whole-image sample cannot show;
 - images listed in `--exclude` are dropped (`excluded`), e.g. COCO / RefCOCO+ evaluation images.
-  The file holds one id per line: a VG image id, or `coco:<id>` matched against image_data's coco_id.
+  The file holds one id per line: a VG image id, or `coco:<id>` matched against image_data's coco_id;
+  a bad line there (not an id, not UTF-8) is an error, never skipped: a silently lost exclusion
+  would leak evaluation images into training.
+Image URLs must be http(s) (`data_prep.records`).
 """
 
 from __future__ import annotations
@@ -34,12 +37,10 @@ def read(path: Path, opts: PrepOptions) -> SourceRows:
         url = require_key(path, i, image, "url")
         coco_id = image.get("coco_id")
         if image_id in excluded_vg or (coco_id is not None and str(coco_id) in excluded_coco):
-            collector.input_rows += 1
-            collector.skip("excluded")
+            collector.skip_row("excluded", f"{path}: entry {i}")
             continue
         if image_id not in regions_by_image:
-            collector.input_rows += 1
-            collector.skip("no_regions")
+            collector.skip_row("no_regions", f"{path}: entry {i}")
             continue
         phrases = _filter_regions(regions_path, regions_by_image[image_id], opts.min_region_size, collector)
         collector.add(url, phrases, image_id, where=f"{path}: entry {i}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,25 @@ def make_media(folder: Path) -> Path:
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(300))
     Image.new("RGB", (40, 40)).save(folder / "gone.jpg")
     return folder
+
+
+def write_png_bomb(path: Path, width: int, height: int) -> int:
+    """A valid 8-bit greyscale PNG of width x height black pixels, compressed ~1000:1; returns its size.
+
+    Rows are compressed one at a time, so writing it never holds the decoded image (30000x30000:
+    ~875 KB on disk, 900 MB once decoded).
+    """
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    deflate = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0 (None), then the pixels
+    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # depth 8, colour type 0 (grey)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    path.write_bytes(data)
+    return len(data)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep.manifest import build_manifest, normalize_reason, read_manifest, write_json_atomic
+from data_prep.manifest import MAX_PIXELS_REASON, build_manifest, normalize_reason, read_manifest, write_json_atomic
 from data_prep.records import SourceRows
 
 
@@ -19,6 +19,9 @@ def test_normalize_reason_groups_by_cause() -> None:
     )
     assert normalize_reason("unknown url type: '/data/a.jpg'") == "unknown url type: '…'"
     assert normalize_reason(None) == "unknown"
+    cv2_refusal = ("OpenCV(4.14.0) /io/opencv/modules/imgcodecs/src/loadsave.cpp:79: error: (-215:Assertion failed) "
+                   "pixels <= CV_IO_MAX_IMAGE_PIXELS in function 'validateInputImageSize'\n")  # fmt: skip
+    assert normalize_reason(cv2_refusal) == MAX_PIXELS_REASON == "image larger than max_pixels"
 
 
 def _fake_shard(shards: Path, shard_id: int, outcomes: list[tuple[str, str | None, list[str]]]) -> None:
@@ -35,7 +38,7 @@ def test_build_manifest_counts_and_missing_shards(tmp_path: Path) -> None:
     shards.mkdir()
     _fake_shard(shards, 0, [("success", None, ["a", "b"]), ("failed_to_download", "HTTP Error 404: x", ["c"])])
     _fake_shard(shards, 2, [("success", None, ["d"]), ("failed_to_resize", "Image decoding error", ["e"])])
-    rows = SourceRows(rows=[], input_rows=9, skipped={"empty_caption": 2})
+    rows = SourceRows(rows=[], input_rows=9, skipped={"empty_caption": 2}, skipped_examples={"empty_caption": ["f:3"]})
     m = build_manifest(tmp_path, shards, source="cc3m", split=None, rows=rows, expected_shards=3,
                        settings={"image_size": 32}, elapsed_s=1.23456)  # fmt: skip
     assert m["shards"] == [{"path": "shards/00000.tar", "samples": 1}, {"path": "shards/00002.tar", "samples": 1}]
@@ -43,6 +46,7 @@ def test_build_manifest_counts_and_missing_shards(tmp_path: Path) -> None:
     assert m["failures"] == {"HTTP Error 404: x": 1, "Image decoding error": 1}
     assert m["complete"] is False and m["missing_shards"] == [1]
     assert m["skipped"] == {"empty_caption": 2} and m["input_rows"] == 9 and m["elapsed_s"] == 1.235
+    assert m["skipped_examples"] == {"empty_caption": ["f:3"]}
 
 
 def test_write_json_atomic_and_read_back(tmp_path: Path) -> None:

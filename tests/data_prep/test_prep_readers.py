@@ -46,13 +46,70 @@ def test_cc3m_malformed_line_names_file_and_line(tmp_path: Path, content: str, l
     assert str(info.value).startswith(f"{path}:{line}: ") and problem in str(info.value)
 
 
-def test_missing_and_undecodable_files(tmp_path: Path) -> None:
+def test_missing_input_and_input_folder(tmp_path: Path) -> None:
     with pytest.raises(PrepInputError, match=r"nope\.tsv: --input TSV not found"):
         read("cc12m", tmp_path / "nope.tsv")
-    bad = tmp_path / "bad.tsv"
-    bad.write_bytes(b"http://h/a.jpg\tok\nhttp://h/b.jpg\t\xff\xfe\n")
-    with pytest.raises(PrepInputError, match=rf"{bad}:2: not valid UTF-8"):
-        read("cc12m", bad)
+    with pytest.raises(PrepInputError, match=rf"{tmp_path}: --input TSV is a folder, not a file"):
+        read("cc3m", tmp_path)
+    with pytest.raises(PrepInputError, match=rf"{tmp_path}: --input is a folder, not a file"):
+        read("generic", tmp_path)
+
+
+def test_tsv_not_utf8_row_is_skipped_with_its_line(tmp_path: Path) -> None:
+    """One bad byte spoils only its row (cc3m and cc12m); the line number is kept as an example."""
+    cc12m = tmp_path / "cc12m.tsv"
+    cc12m.write_bytes(b"http://h/a.jpg\tok\nhttp://h/b.jpg\t\xff\xfe caf\xe9\nhttp://h/c.jpg\tfine\n")
+    rows = read("cc12m", cc12m)
+    assert [r.url for r in rows.rows] == ["http://h/a.jpg", "http://h/c.jpg"]
+    assert rows.skipped == {"not_utf8": 1} and rows.input_rows == 3
+    assert rows.skipped_examples == {"not_utf8": [f"{cc12m}:2"]}
+    cc3m = tmp_path / "cc3m.tsv"
+    cc3m.write_bytes(b"caf\xe9\thttp://h/a.jpg\ncaf\xc3\xa9\thttp://h/b.jpg\n\x80\thttp://h/c.jpg\n")
+    rows = read("cc3m", cc3m)
+    assert [(r.url, r.captions) for r in rows.rows] == [("http://h/b.jpg", ["caf\u00e9"])]
+    assert rows.skipped == {"not_utf8": 2} and rows.skipped_examples == {"not_utf8": [f"{cc3m}:1", f"{cc3m}:3"]}
+
+
+def test_text_lists_not_utf8_rows_are_skipped(tmp_path: Path) -> None:
+    """The other row-wise readers: sbu txt pair, generic tsv/csv/jsonl (a bad header is an error)."""
+    urls = tmp_path / "SBU_captioned_photo_dataset_urls.txt"
+    urls.write_bytes(b"http://h/1.jpg\nhttp://h/2.jpg\nhttp://h/3\xff.jpg\n")
+    captions = tmp_path / "SBU_captioned_photo_dataset_captions.txt"
+    captions.write_bytes(b"one\ntw\xc3o\nthree\n")
+    rows = read("sbu", urls)
+    assert [r.captions for r in rows.rows] == [["one"]]
+    assert rows.skipped_examples == {"not_utf8": [f"{captions}:2", f"{urls}:3"]} and rows.input_rows == 3
+    for fmt, header, sep in (("tsv", b"url\tcaption\n", b"\t"), ("csv", b"url,caption\n", b",")):
+        path = tmp_path / f"list.{fmt}"
+        path.write_bytes(header + b"http://h/a.jpg" + sep + b"\xfe\n" + b"http://h/b.jpg" + sep + b"b\n")
+        rows = read("generic", path)
+        assert [r.url for r in rows.rows] == ["http://h/b.jpg"], fmt
+        assert rows.skipped_examples == {"not_utf8": [f"{path}:2"]}, fmt
+        path.write_bytes(b"u\xffrl" + header[3:] + b"http://h/b.jpg" + sep + b"b\n")
+        with pytest.raises(PrepInputError, match=rf"{path}:1: header is not valid UTF-8"):
+            read("generic", path)
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_bytes(b'{"url": "http://h/a.jpg", "caption": "\xff"}\n{"url": "http://h/b.jpg", "caption": "b"}\n')
+    rows = read("generic", jsonl)
+    assert [r.url for r in rows.rows] == ["http://h/b.jpg"] and rows.skipped_examples == {"not_utf8": [f"{jsonl}:1"]}
+
+
+def test_json_not_utf8_is_an_error_naming_file_and_line(tmp_path: Path) -> None:
+    """A JSON file is parsed whole: no row to skip, so a clear error (exit 2 through run_prep)."""
+    sbu = tmp_path / "sbu-captions-all.json"
+    sbu.write_bytes(b'{"image_urls": ["http://h/1.jpg"],\n "captions": ["caf\xe9"]}')
+    with pytest.raises(PrepInputError, match=rf"{sbu}:2: --input \(sbu-captions-all.json\) is not valid UTF-8"):
+        read("sbu", sbu)
+    generic = tmp_path / "list.json"
+    generic.write_bytes(b'[{"url": "http://h/1.jpg", "caption": "\x80"}]')
+    with pytest.raises(PrepInputError, match=rf"{generic}:1: --input is not valid UTF-8"):
+        read("generic", generic)
+    (tmp_path / "regions.json").write_text("[]")
+    exclude = tmp_path / "exclude.txt"
+    exclude.write_bytes(b"12\n1\xff3\n")  # an exclusion list must never lose a line silently
+    (tmp_path / "image_data.json").write_text("[]")
+    with pytest.raises(PrepInputError, match=rf"{exclude}:2: not valid UTF-8"):
+        read("vg", tmp_path / "image_data.json", regions=str(tmp_path / "regions.json"), exclude=str(exclude))
 
 
 def test_cc12m_header_is_skipped(tmp_path: Path) -> None:
@@ -204,6 +261,7 @@ def test_generic_errors(tmp_path: Path) -> None:
     jsonl.write_text('{"url": "http://h/a.jpg", "caption": "a"}\n{"url": \n')
     with pytest.raises(PrepInputError, match=rf"{jsonl}:2: invalid JSON"):
         read("generic", jsonl)
+    (tmp_path / "list.txt").write_text("url caption\n")
     with pytest.raises(PrepOptionsError, match="pass --input_format"):
         read("generic", tmp_path / "list.txt")
     pq.write_table(pa.table({"url": ["http://h/a.jpg", None], "caption": ["a", "b"]}), tmp_path / "n.parquet")

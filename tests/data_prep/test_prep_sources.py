@@ -1,7 +1,8 @@
 """img2dataset for real, per source format: native file -> shards + manifest, asserted exactly.
 
 Each case writes a tiny native list pointing at the served media (good JPEGs, a 4000x4000 one,
-404s, a non-image, a corrupt JPEG) plus rows that must be skipped, runs `prepare`, and checks the
+404s, a non-image, a corrupt JPEG) plus rows that must be skipped (file:// URLs to real local
+images, names escaping --image_root, lines that are not UTF-8), runs `prepare`, and checks the
 shards hold exactly the expected images with all their captions, and the manifest's counts. The
 runs are independent child processes, so the module fixture runs two at a time.
 """
@@ -9,6 +10,8 @@ runs are independent child processes, so the module fixture runs two at a time.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,27 +41,35 @@ class Case:
     skipped: dict[str, int]
     input_rows: int
     options: dict[str, Any] = field(default_factory=dict)
+    examples: dict[str, list[str]] | None = None  # skipped_examples of the manifest, when checked
 
 
 def case_cc3m(tmp: Path, srv: FolderServer) -> Case:
-    lines = [f"a caption for {n}\t{srv.url(n)}" for n in NAMES]
+    lines = [f"a caption for {n}\t{srv.url(n)}" for n in NAMES]  # lines 1-9
     lines += [f"  \t{srv.url('empty_caption.jpg')}", "an ftp image\tftp://example.org/x.jpg",
-              "a bare path\t/data/x.jpg", f"same url again\t{srv.url(NAMES[0])}"]  # fmt: skip
+              "a bare path\t/data/x.jpg", f"same url again\t{srv.url(NAMES[0])}",
+              f"my private photo\t{(srv.root / 'good_01.jpg').as_uri()}",  # a real, decodable local file
+              "a secret\tfile:///etc/passwd"]  # fmt: skip
     path = tmp / "Train_GCC-training.tsv"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    bad = b"caf\xe9 au lait\t" + f"{srv.url('good_02.jpg')}?latin1\n".encode()  # line 16: a Latin-1 byte
+    path.write_bytes(("\n".join(lines) + "\n").encode() + bad)
     expected = {url_image_id(srv.url(n)): [f"a caption for {n}"] for n in OK}
-    skipped = {"empty_caption": 1, "bad_url_scheme": 2, "duplicate_url": 1}
-    return Case("cc3m", path, expected, expected_failures(NAMES), skipped, len(lines), {"split": "train"})
+    skipped = {"empty_caption": 1, "bad_url_scheme": 4, "duplicate_url": 1, "not_utf8": 1}
+    examples = {"bad_url_scheme": [f"{path}:{k}" for k in (11, 12, 14, 15)], "not_utf8": [f"{path}:16"],
+                "empty_caption": [f"{path}:10"], "duplicate_url": [f"{path}:13"]}  # fmt: skip
+    return Case("cc3m", path, expected, expected_failures(NAMES), skipped, len(lines) + 1, {"split": "train"}, examples)
 
 
 def case_cc12m(tmp: Path, srv: FolderServer) -> Case:
     lines = ["url\tcaption"] + [f'{srv.url(n)}\t<PERSON> holds "{n}"' for n in NAMES]
     lines += [f"{srv.url(NAMES[1])}\tdup", f"{srv.url('x.jpg')}\t"]
     path = tmp / "cc12m.tsv"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    bad = f"{srv.url('good_03.jpg')}?x\t".encode() + b"\x93quoted\x94\n"  # cp1252 quotes on line 13
+    path.write_bytes(("\n".join(lines) + "\n").encode() + bad)
     expected = {url_image_id(srv.url(n)): [f'<PERSON> holds "{n}"'] for n in OK}
-    skipped = {"duplicate_url": 1, "empty_caption": 1}
-    return Case("cc12m", path, expected, expected_failures(NAMES), skipped, len(lines) - 1)
+    skipped = {"duplicate_url": 1, "empty_caption": 1, "not_utf8": 1}
+    examples = {"duplicate_url": [f"{path}:11"], "empty_caption": [f"{path}:12"], "not_utf8": [f"{path}:13"]}
+    return Case("cc12m", path, expected, expected_failures(NAMES), skipped, len(lines), examples=examples)
 
 
 def case_sbu_json(tmp: Path, srv: FolderServer) -> Case:
@@ -159,10 +170,29 @@ def case_generic_csv(tmp: Path, srv: FolderServer) -> Case:
     return Case("generic", path, expected, expected_failures(NAMES), {}, len(rows) - 1, options)
 
 
+def case_generic_local(tmp: Path, srv: FolderServer) -> Case:
+    """--image_root: names inside are read; names escaping it and file:// URLs never are."""
+    root = tmp / "images"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(srv.root / "good_00.jpg", root / "good_00.jpg")
+    shutil.copy(srv.root / "good_01.jpg", root / "sub" / "good_01.jpg")
+    shutil.copy(srv.root / "good_03.jpg", tmp / "secret.jpg")  # a decodable image outside the root
+    os.symlink(tmp / "secret.jpg", root / "link_out.jpg")
+    names = ["good_00.jpg", "sub/good_01.jpg", "../secret.jpg", str(tmp / "secret.jpg"), "link_out.jpg",
+             (tmp / "secret.jpg").as_uri(), srv.url("good_02.jpg")]  # fmt: skip
+    path = tmp / "local.tsv"
+    path.write_text("path\ttext\tid\n" + "".join(f"{n}\tlocal {i}\tL{i}\n" for i, n in enumerate(names)))
+    expected = {"L0": ["local 0"], "L1": ["local 1"], "L6": ["local 6"]}
+    skipped = {"outside_image_root": 3, "bad_url_scheme": 1}
+    examples = {"outside_image_root": [f"{path}:{k}" for k in (4, 5, 6)], "bad_url_scheme": [f"{path}:7"]}
+    options = {"image_root": str(root), "url_col": "path", "caption_col": "text", "id_col": "id"}
+    return Case("generic", path, expected, {}, skipped, len(names), options, examples)
+
+
 CASES: dict[str, Callable[[Path, FolderServer], Case]] = {
     "cc3m": case_cc3m, "cc12m": case_cc12m, "sbu_json": case_sbu_json, "sbu_txt": case_sbu_txt,
     "coco": case_coco, "vg": case_vg, "flickr30k": case_flickr30k,
-    "generic_parquet": case_generic_parquet, "generic_csv": case_generic_csv,
+    "generic_parquet": case_generic_parquet, "generic_csv": case_generic_csv, "generic_local": case_generic_local,
 }  # fmt: skip
 
 
@@ -195,6 +225,8 @@ def test_prep_source_end_to_end(name: str, prepared: dict[str, tuple[Case, Path,
     check_output(out, manifest, expected=case.expected, failures=case.failures, skipped=case.skipped,
                  input_rows=case.input_rows, source=case.source)  # fmt: skip
     assert manifest["split"] == case.options.get("split")
+    if case.examples is not None:
+        assert manifest["skipped_examples"] == case.examples
     assert manifest["settings"]["image_size"] == 32 and manifest["settings"]["samples_per_shard"] == 4
     n_rows = manifest["download_rows"]
     assert [s["path"] for s in manifest["shards"]] == [f"shards/{k:05d}.tar" for k in range(-(-n_rows // 4))]
