@@ -1,4 +1,5 @@
 """albef-pipeline: ALBEF pretraining, fine-tuning and evaluation from raw corpora to metrics."""
+
 from setuptools import find_packages, setup
 
 # torch/torchvision are pinned to the builds that ship on the project's machines so pip never

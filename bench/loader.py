@@ -13,6 +13,7 @@ samples/s (and per core = per worker process, or the main process when --workers
     python bench/loader.py --image_size 256 --res 256 --workers 0
     python bench/loader.py --image_size 512 --res 256 --workers 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ def make_data(root: Path, n: int, size: int, per_shard: int = 256) -> list[tuple
             sink = wds.TarWriter(str(root / name))
             entries.append({"path": name, "samples": 0})
         data, caption = synthetic_jpeg(rng, size), f"A photo, number {i}: a dog-like shape on grass!"
-        sink.write({"__key__": f"{i:09d}", "jpg": data, "txt": caption,
-                    "json": {"captions": [caption], "image_id": str(i)}})
+        sink.write(
+            {"__key__": f"{i:09d}", "jpg": data, "txt": caption, "json": {"captions": [caption], "image_id": str(i)}}
+        )
         entries[-1]["samples"] += 1
         path = root / "files" / f"{i:09d}.jpg"
         path.write_bytes(data)
@@ -122,7 +124,9 @@ def draft_table(size: int, res: int, n: int = 24) -> None:
     makers = {"train": lambda d: build_train_transform(res, draft=d), "eval": lambda d: EvalTransform(res, draft=d)}
     for name, make in makers.items():
         fast, full = transform_rate(images, make(True)), transform_rate(images, make(False))
-        print(f"{name} transform {size}px -> {res}: draft {fast:6.1f} img/CPU-s, full decode {full:6.1f} ({fast / full:4.2f}x)")
+        print(
+            f"{name} transform {size}px -> {res}: draft {fast:6.1f} img/CPU-s, full decode {full:6.1f} ({fast / full:4.2f}x)"
+        )
 
 
 def main() -> None:
@@ -145,16 +149,34 @@ def main() -> None:
         results = {}
         for name, normalize in (("ours", True), ("ours_u8", False)):
             loader = build_train_loader(
-                [tmp], batch_size=args.batch_size, rank=0, world_size=1, num_workers=args.workers, seed=0,
-                start_step=0, image_res=args.res, tokenizer=tok, max_len=25, shuffle_buffer=500,
-                pin_memory=False, normalize=normalize)
+                [tmp],
+                batch_size=args.batch_size,
+                rank=0,
+                world_size=1,
+                num_workers=args.workers,
+                seed=0,
+                start_step=0,
+                image_res=args.res,
+                tokenizer=tok,
+                max_len=25,
+                shuffle_buffer=500,
+                pin_memory=False,
+                normalize=normalize,
+            )
             results[name] = measure(loader, args.batches, args.batch_size)
-        base = DataLoader(FileDataset(files, args.res), batch_size=args.batch_size, shuffle=True,
-                          num_workers=args.workers, drop_last=True)
+        base = DataLoader(
+            FileDataset(files, args.res),
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            drop_last=True,
+        )
         results["baseline"] = measure(base, args.batches, args.batch_size, lambda b: tokenize(tok, b[1], 25))
     print(f"stored {args.image_size}px -> res {args.res}, batch {args.batch_size}, workers {args.workers}")
     for name, (wall, cpu) in results.items():
-        per_core = f"{cpu:7.1f} samples/CPU-s (main process)" if args.workers == 0 else f"{wall / cores:7.1f} samples/s/worker"
+        per_core = (
+            f"{cpu:7.1f} samples/CPU-s (main process)" if args.workers == 0 else f"{wall / cores:7.1f} samples/s/worker"
+        )
         ratio = wall / results["baseline"][0]
         print(f"{name:9s} {wall:7.1f} samples/s wall  {per_core}  {ratio:5.2f}x baseline (wall)")
     if args.draft_size:

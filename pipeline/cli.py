@@ -4,6 +4,7 @@ Each command only parses its arguments and calls one function of the stage modul
 work, imported lazily so `albef --help` stays fast and a stage's heavy imports (DeepSpeed,
 img2dataset) load only when that stage runs.
 """
+
 from __future__ import annotations
 
 import sys
@@ -22,23 +23,35 @@ class Finetune:
         """Fine-tune for image-text retrieval from a pretraining (ours or official) checkpoint."""
         from pipeline.stages.finetune_retrieval import finetune_retrieval
 
-        return finetune_retrieval(config=config, checkpoint=checkpoint, output_dir=output_dir, resume=resume, overrides=overrides)
+        return finetune_retrieval(
+            config=config, checkpoint=checkpoint, output_dir=output_dir, resume=resume, overrides=overrides
+        )
 
 
 class Evaluate:
     """Evaluation stages."""
 
-    def retrieval(self, checkpoint: str, data: str, output_dir: str, k_test: int | None = None, **overrides: Any) -> dict:
+    def retrieval(
+        self, checkpoint: str, data: str, output_dir: str, k_test: int | None = None, **overrides: Any
+    ) -> dict:
         """Image-text retrieval recall@K with batched ITM re-ranking."""
         from pipeline.stages.evaluate_retrieval import evaluate_retrieval
 
-        return evaluate_retrieval(checkpoint=checkpoint, data=data, output_dir=output_dir, k_test=k_test, overrides=overrides)
+        return evaluate_retrieval(
+            checkpoint=checkpoint, data=data, output_dir=output_dir, k_test=k_test, overrides=overrides
+        )
 
 
 class Slurm:
     """Submit the pipeline's stages to a SLURM cluster."""
 
-    def submit(self, stages: str = "prep,pretrain,finetune,eval", config: str | None = None, dry_run: bool = False, **overrides: Any) -> int:
+    def submit(
+        self,
+        stages: str = "prep,pretrain,finetune,eval",
+        config: str | None = None,
+        dry_run: bool = False,
+        **overrides: Any,
+    ) -> int:
         """Submit the stages chained with --dependency=afterok (--dry_run prints the sbatch lines)."""
         from pipeline.slurm.submit import submit_command
 

@@ -1,4 +1,5 @@
 """Shared test set-up: deterministic seeds, few threads, and the fixture directory."""
+
 from __future__ import annotations
 
 import os

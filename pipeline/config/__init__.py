@@ -13,7 +13,14 @@ from pipeline.config.loader import (
     validate_sections,
 )
 from pipeline.config.model import build_model_config
-from pipeline.config.paths import CONFIG_DIR, DS_CONFIG_DIR, REPO_ROOT, SLURM_TEMPLATE_DIR, resolve_config_file, resolve_path
+from pipeline.config.paths import (
+    CONFIG_DIR,
+    DS_CONFIG_DIR,
+    REPO_ROOT,
+    SLURM_TEMPLATE_DIR,
+    resolve_config_file,
+    resolve_path,
+)
 from pipeline.config.sections import (
     DataConfig,
     DeepSpeedSection,
@@ -21,6 +28,7 @@ from pipeline.config.sections import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    TrainingStageConfig,
 )
 
 __all__ = [
@@ -35,6 +43,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
+    "TrainingStageConfig",
     "apply_overrides",
     "build_model_config",
     "check",

@@ -280,9 +280,10 @@ def _strip_optional(tp: Any) -> Any:
 def validate_sections(cfg: Any, prefix: str = "") -> None:
     """Run `validate(prefix)` of every nested section of `cfg` (depth first)."""
     for f in dataclasses.fields(cfg):
-        value: Any = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value) and callable(getattr(value, "validate", None)):
-            value.validate(_join(prefix, f.name))
+        value = getattr(cfg, f.name)
+        validate = getattr(value, "validate", None)
+        if dataclasses.is_dataclass(value) and callable(validate):
+            validate(_join(prefix, f.name))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config.loader import check
+from pipeline.config.loader import check, validate_sections
 from pipeline.config.model import build_model_config
 from pipeline.config.paths import resolve_path
 
@@ -169,3 +169,20 @@ class LoggingConfig:
 
     def validate(self, prefix: str) -> None:
         check(self.log_every_steps >= 1, f"{prefix}.log_every_steps", f"must be >= 1, got {self.log_every_steps}")
+
+
+@dataclass
+class TrainingStageConfig:
+    """What every training stage configures: the model, its data, and the one Trainer's sections.
+
+    A stage's config subclasses it, narrowing sections (other defaults) or adding its own."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        validate_sections(self, prefix)

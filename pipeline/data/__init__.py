@@ -1,4 +1,5 @@
 """Shards -> batches: manifests, webdataset stages, the train and eval loaders (see loaders.py)."""
+
 from pipeline.data.loaders import (
     CaptionIndex,
     EvalStream,
@@ -12,6 +13,17 @@ from pipeline.data.manifest import Shard, Source, check_prep_folders, load_sourc
 from pipeline.data.stages import SkipCounter
 
 __all__ = [
-    "CaptionIndex", "EvalStream", "Shard", "SkipCounter", "Source", "StreamConfig", "TrainStream",
-    "build_eval_loader", "build_train_loader", "caption_index", "check_prep_folders", "load_sources", "read_manifest",
+    "CaptionIndex",
+    "EvalStream",
+    "Shard",
+    "SkipCounter",
+    "Source",
+    "StreamConfig",
+    "TrainStream",
+    "build_eval_loader",
+    "build_train_loader",
+    "caption_index",
+    "check_prep_folders",
+    "load_sources",
+    "read_manifest",
 ]

@@ -34,6 +34,7 @@ once. Batch counts then differ across ranks/workers (the last batch is partial):
 tolerate uneven ends (e.g. all-reduce a "has data" flag). Resume inside a finite epoch is not
 supported (start at step 0 of an epoch).
 """
+
 from __future__ import annotations
 
 import os
@@ -84,8 +85,18 @@ class TrainStream(IterableDataset):
     """Per-rank training batches; resampled (endless, resumable) or finite (one exact epoch)."""
 
     def __init__(
-        self, cfg: StreamConfig, *, tokenizer, max_len: int, padding: Literal["longest", "max_length"], seed: int, start_step: int,
-        num_steps: int | None, segment_steps: int, resampled: bool, epoch: int,
+        self,
+        cfg: StreamConfig,
+        *,
+        tokenizer,
+        max_len: int,
+        padding: Literal["longest", "max_length"],
+        seed: int,
+        start_step: int,
+        num_steps: int | None,
+        segment_steps: int,
+        resampled: bool,
+        epoch: int,
     ) -> None:
         assert segment_steps > 0 and start_step >= 0, (segment_steps, start_step)
         assert resampled or start_step == 0, "finite mode starts at the beginning of an epoch"
@@ -98,8 +109,14 @@ class TrainStream(IterableDataset):
         return self._resampled(w, num_workers) if self.resampled else self._finite(w, num_workers)
 
     def _collate(self, counter: stages.SkipCounter) -> Callable:
-        return partial(stages.collate_train, tokenizer=self.tokenizer, max_len=self.max_len,
-                       padding=self.padding, counter=counter, normalize=self.cfg.normalize)
+        return partial(
+            stages.collate_train,
+            tokenizer=self.tokenizer,
+            max_len=self.max_len,
+            padding=self.padding,
+            counter=counter,
+            normalize=self.cfg.normalize,
+        )
 
     def _slot_batches(self, segment: int, slot: int) -> Iterator[dict]:
         cfg = self.cfg
@@ -111,10 +128,12 @@ class TrainStream(IterableDataset):
             lambda: stages.resampled_shards(shards, probs, shard_rng),  # endless weighted shard draws
             partial(stages.expand_shards, counter=counter),  # raw samples, tar errors counted
             *_shuffle_stage(cfg.shuffle_buffer, shuffle_rng),  # sample order mixed across shards
-            partial(stages.decode_train, transform=cfg.transform, rng=aug_rng, counter=counter,
-                    max_words=cfg.max_words),  # decoded + augmented, bad samples dropped
-            partial(stages.batch_samples, batch_size=cfg.batch_size, collate=self._collate(counter),
-                    partial=False),  # full batches only
+            partial(
+                stages.decode_train, transform=cfg.transform, rng=aug_rng, counter=counter, max_words=cfg.max_words
+            ),  # decoded + augmented, bad samples dropped
+            partial(
+                stages.batch_samples, batch_size=cfg.batch_size, collate=self._collate(counter), partial=False
+            ),  # full batches only
         )
         return iter(pipeline)
 
@@ -145,7 +164,9 @@ class TrainStream(IterableDataset):
             lambda: iter(mine),  # this slot's shards (a bare list would be flattened into stages)
             partial(stages.expand_shards, counter=counter),
             *_shuffle_stage(cfg.shuffle_buffer, shuffle_rng),
-            partial(stages.decode_train, transform=cfg.transform, rng=aug_rng, counter=counter, max_words=cfg.max_words),
+            partial(
+                stages.decode_train, transform=cfg.transform, rng=aug_rng, counter=counter, max_words=cfg.max_words
+            ),
             partial(stages.batch_samples, batch_size=cfg.batch_size, collate=self._collate(counter), partial=True),
         )
         for batch in pipeline:
@@ -165,13 +186,19 @@ class EvalStream(IterableDataset):
         shards, _ = shard_distribution(cfg.sources)
         mine = shards[cfg.rank * num_workers + w :: cfg.world_size * num_workers]  # manifest order
         counter = stages.SkipCounter()
-        return iter(wds.DataPipeline(
-            lambda: iter(mine),  # this slot's shards, manifest order
-            partial(stages.expand_shards, counter=counter),
-            partial(stages.decode_eval, transform=cfg.transform, counter=counter, max_words=cfg.max_words),
-            partial(stages.batch_samples, batch_size=cfg.batch_size,
-                    collate=partial(stages.collate_eval, counter=counter, normalize=cfg.normalize), partial=True),
-        ))
+        return iter(
+            wds.DataPipeline(
+                lambda: iter(mine),  # this slot's shards, manifest order
+                partial(stages.expand_shards, counter=counter),
+                partial(stages.decode_eval, transform=cfg.transform, counter=counter, max_words=cfg.max_words),
+                partial(
+                    stages.batch_samples,
+                    batch_size=cfg.batch_size,
+                    collate=partial(stages.collate_eval, counter=counter, normalize=cfg.normalize),
+                    partial=True,
+                ),
+            )
+        )
 
 
 def _shuffle_stage(bufsize: int, rng: random.Random) -> list:
@@ -185,19 +212,38 @@ def _data_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | 
     if num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer runs inside forked workers
     return DataLoader(
-        dataset, batch_size=None, num_workers=num_workers,
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         generator=generator,  # default prefetch (2 batches per worker): batches are large
     )
 
 
 def build_train_loader(
-    manifests: Sequence[str | Path], *, batch_size: int, rank: int, world_size: int, num_workers: int,
-    seed: int, start_step: int, image_res: int, tokenizer, max_len: int,
-    weights: Sequence[float] | None = None, num_steps: int | None = None, segment_steps: int = 1000,
-    finetune: bool = False, resampled: bool = True, epoch: int = 0, shuffle_buffer: int = 1000,
-    max_words: int = 30, padding: Literal["longest", "max_length"] = "longest", pin_memory: bool | None = None,
-    draft: bool = True, normalize: bool = True,
+    manifests: Sequence[str | Path],
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    seed: int,
+    start_step: int,
+    image_res: int,
+    tokenizer,
+    max_len: int,
+    weights: Sequence[float] | None = None,
+    num_steps: int | None = None,
+    segment_steps: int = 1000,
+    finetune: bool = False,
+    resampled: bool = True,
+    epoch: int = 0,
+    shuffle_buffer: int = 1000,
+    max_words: int = 30,
+    padding: Literal["longest", "max_length"] = "longest",
+    pin_memory: bool | None = None,
+    draft: bool = True,
+    normalize: bool = True,
 ) -> DataLoader:
     """Per-rank training batches for global steps start_step, start_step+1, ... (see module doc).
 
@@ -209,19 +255,41 @@ def build_train_loader(
     `num_steps` None = endless. `finetune` selects the (0.5, 1) crop scale.
     """
     cfg = StreamConfig(
-        tuple(load_sources(manifests, weights)), batch_size, rank, world_size,
-        build_train_transform(image_res, finetune=finetune, draft=draft), max_words, shuffle_buffer, normalize,
+        tuple(load_sources(manifests, weights)),
+        batch_size,
+        rank,
+        world_size,
+        build_train_transform(image_res, finetune=finetune, draft=draft),
+        max_words,
+        shuffle_buffer,
+        normalize,
     )
     dataset = TrainStream(
-        cfg, tokenizer=tokenizer, max_len=max_len, padding=padding, seed=seed, start_step=start_step,
-        num_steps=num_steps, segment_steps=segment_steps, resampled=resampled, epoch=epoch,
+        cfg,
+        tokenizer=tokenizer,
+        max_len=max_len,
+        padding=padding,
+        seed=seed,
+        start_step=start_step,
+        num_steps=num_steps,
+        segment_steps=segment_steps,
+        resampled=resampled,
+        epoch=epoch,
     )
     return _data_loader(dataset, num_workers, pin_memory, seed)
 
 
 def build_eval_loader(
-    manifests: Sequence[str | Path], *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-    image_res: int = 384, max_words: int = 30, pin_memory: bool | None = None, draft: bool = True,
+    manifests: Sequence[str | Path],
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    image_res: int = 384,
+    max_words: int = 30,
+    pin_memory: bool | None = None,
+    draft: bool = True,
     normalize: bool = True,
 ) -> DataLoader:
     """Every image of the manifests once, over ranks x workers (see module doc).
@@ -231,8 +299,16 @@ def build_eval_loader(
     int64 [B], bad_samples dict.
     Texts are tokenised by the caller (see `caption_index`) as retrieval needs them all at once.
     """
-    cfg = StreamConfig(tuple(load_sources(manifests)), batch_size, rank, world_size,
-                       EvalTransform(image_res, draft=draft), max_words, 0, normalize)
+    cfg = StreamConfig(
+        tuple(load_sources(manifests)),
+        batch_size,
+        rank,
+        world_size,
+        EvalTransform(image_res, draft=draft),
+        max_words,
+        0,
+        normalize,
+    )
     return _data_loader(EvalStream(cfg), num_workers, pin_memory)
 
 

@@ -4,6 +4,7 @@ A manifest (`DIR/manifest.json`, format_version 1) lists the shards of one sourc
 sample counts; paths are relative to DIR. The loader only trusts what the manifest says: the
 counts size the epoch, weight the sources and tell a truncated shard from a complete one.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME
 from pipeline.config import check
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,13 @@ def _load_source(path: str | Path, index: int, weight: float | None) -> Source:
     if not w > 0:
         raise ValueError(f"{p}: source weight must be > 0, got {weight!r}")
     return Source(
-        name=str(data.get("source", root.name)), root=root, split=data.get("split"), shards=tuple(shards),
-        num_samples=num_samples, num_captions=int(data.get("num_captions", num_samples)), weight=w,
+        name=str(data.get("source", root.name)),
+        root=root,
+        split=data.get("split"),
+        shards=tuple(shards),
+        num_samples=num_samples,
+        num_captions=int(data.get("num_captions", num_samples)),
+        weight=w,
     )
 
 
@@ -104,7 +109,13 @@ def load_sources(manifests: Sequence[str | Path], weights: Sequence[float] | Non
     sources = [_load_source(m, i, None if weights is None else weights[i]) for i, m in enumerate(manifests)]
     total_w = sum(s.weight for s in sources)
     for s in sources:
-        logger.info("source %s: %d shards, %d samples, mixing weight %.3f", s.name, len(s.shards), s.num_samples, s.weight / total_w)
+        logger.info(
+            "source %s: %d shards, %d samples, mixing weight %.3f",
+            s.name,
+            len(s.shards),
+            s.num_samples,
+            s.weight / total_w,
+        )
     return sources
 
 

@@ -4,6 +4,7 @@ Each stage is a generator over the previous one; the comment on each says what h
 Every random choice draws from a `random.Random` passed in, never from global state, so a
 stream is a pure function of its seeds (see pipeline.data.loaders for how seeds are derived).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +20,8 @@ import torch
 import webdataset as wds
 
 from pipeline.data.manifest import Shard
-from pipeline.runtime.seeds import derive_seed
 from pipeline.data.text import pre_caption, tokenize
-from pipeline.data.transforms import normalize_images, open_image
+from pipeline.data.transforms import TooManyPixels, normalize_images, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -142,12 +142,17 @@ def _parse(sample: dict, counter: SkipCounter, max_words: int) -> tuple[bytes, l
 def _decode_image(data: bytes, transform: Callable, rng: random.Random | None, counter: SkipCounter, where: str):
     try:
         return transform(open_image(data), rng)
+    except TooManyPixels as exn:
+        counter.add("too_many_pixels", f"{where}: {exn}")
+        return None
     except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         counter.add("bad_image", f"{where}: {exn!r}")
         return None
 
 
-def decode_train(samples: Iterable[dict], transform: Callable, rng: random.Random, counter: SkipCounter, max_words: int):
+def decode_train(
+    samples: Iterable[dict], transform: Callable, rng: random.Random, counter: SkipCounter, max_words: int
+):
     """Raw -> {image [3,R,R], caption (one cleaned caption drawn with rng), ids}. Bad ones counted."""
     for sample in samples:
         parsed = _parse(sample, counter, max_words)
@@ -157,8 +162,13 @@ def decode_train(samples: Iterable[dict], transform: Callable, rng: random.Rando
         caption = rng.choice([c for c in caps if c])
         image = _decode_image(data, transform, rng, counter, f"{sample['__url__']}:{sample['__key__']}")
         if image is not None:
-            yield {"image": image, "caption": caption, "image_id": image_id, "key": sample["__key__"],
-                   "source": sample["__source__"]}
+            yield {
+                "image": image,
+                "caption": caption,
+                "image_id": image_id,
+                "key": sample["__key__"],
+                "source": sample["__source__"],
+            }
 
 
 def decode_eval(samples: Iterable[dict], transform: Callable, counter: SkipCounter, max_words: int):
@@ -170,8 +180,13 @@ def decode_eval(samples: Iterable[dict], transform: Callable, counter: SkipCount
         data, caps, image_id = parsed
         image = _decode_image(data, transform, None, counter, f"{sample['__url__']}:{sample['__key__']}")
         if image is not None:
-            yield {"image": image, "captions": caps, "image_id": image_id, "key": sample["__key__"],
-                   "source": sample["__source__"]}
+            yield {
+                "image": image,
+                "captions": caps,
+                "image_id": image_id,
+                "key": sample["__key__"],
+                "source": sample["__source__"],
+            }
 
 
 def batch_samples(samples: Iterable[dict], batch_size: int, collate: Callable[[list[dict]], dict], partial: bool):
@@ -201,7 +216,9 @@ def _common(samples: list[dict], counter: SkipCounter, normalize: bool) -> dict:
     return {
         "image": normalize_images(images) if normalize else images,
         "image_id": [s["image_id"] for s in samples],
-        "image_idx": torch.tensor([stable_id(src, s["image_id"]) for src, s in zip(sources, samples)], dtype=torch.long),
+        "image_idx": torch.tensor(
+            [stable_id(src, s["image_id"]) for src, s in zip(sources, samples)], dtype=torch.long
+        ),
         "key": [s["key"] for s in samples],
         "source": torch.tensor(sources, dtype=torch.long),
         "bad_samples": counter.take(),

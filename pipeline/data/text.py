@@ -9,6 +9,7 @@ The tokenizer is a `BertTokenizerFast` over the bert-base-uncased WordPiece voca
 transformers 5 the vocabulary must be passed as `vocab=path`: `vocab_file=path` is silently
 ignored and leaves a 5-token vocabulary, which `build_tokenizer` refuses.
 """
+
 from __future__ import annotations
 
 import importlib.util

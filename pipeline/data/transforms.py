@@ -28,6 +28,7 @@ translations are +-7 *pixels* (the official constant is absolute, not a fraction
 geometric ops fill with grey (128, 128, 128) and interpolate bilinearly; AutoContrast and
 Equalize are PIL's per-channel rules.
 """
+
 from __future__ import annotations
 
 import io
@@ -44,8 +45,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ALBEF_AUGS = (
-    "Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
-    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
 )
 PRETRAIN_SCALE = (0.2, 1.0)
 FINETUNE_SCALE = (0.5, 1.0)
@@ -54,9 +63,29 @@ _FILL = (128, 128, 128)
 _LEVELS = np.arange(256, dtype=np.float32)
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Open encoded image bytes lazily: only the header is parsed, pixels are decoded later."""
-    return Image.open(io.BytesIO(data))
+# Pixels (width x height) a sample may declare; PIL's own bomb threshold, the same default as
+# `albef prep --max_pixels`. Checked on the header, before any pixel is decoded.
+MAX_PIXELS = 89_478_485
+
+
+class TooManyPixels(ValueError):
+    """An image whose header declares more than MAX_PIXELS pixels (a decompression bomb)."""
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open encoded image bytes lazily: only the header is parsed, pixels are decoded later.
+
+    Raises TooManyPixels when the header declares more than `max_pixels` pixels, so a small file
+    claiming a huge size costs nothing (PIL itself only warns below twice its limit).
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # PIL's own refusal above twice its limit
+        raise TooManyPixels(str(err)) from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise TooManyPixels(f"{width}x{height} = {width * height} pixels > {max_pixels}")
+    return img
 
 
 def _per_channel_lut(img: np.ndarray, luts: list[np.ndarray]) -> np.ndarray:
@@ -111,8 +140,13 @@ class RandAugment:
     """ALBEF's RandomAugment(N, M) on uint8 HWC RGB arrays with an explicit generator."""
 
     def __init__(
-        self, num_ops: int = 2, magnitude: int = 7, ops: Sequence[str] = ALBEF_AUGS,
-        prob: float = 0.5, max_level: int = 10, translate_const: float = 10.0,
+        self,
+        num_ops: int = 2,
+        magnitude: int = 7,
+        ops: Sequence[str] = ALBEF_AUGS,
+        prob: float = 0.5,
+        max_level: int = 10,
+        translate_const: float = 10.0,
     ) -> None:
         unknown = sorted(set(ops) - set(ALBEF_AUGS))
         assert not unknown, f"unsupported RandAugment ops: {unknown}"

@@ -33,7 +33,7 @@ TAG_PREFIX = "global_step"
 BEST_TAG = "best"
 LATEST_FILE = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"
-OPTIM_STATES_GLOB = "zero_pp_rank_*_mp_rank_00_optim_states.pt"
+OPTIM_STATES_GLOB = "*zero_pp_rank_*_mp_rank_00_optim_states.pt"  # bf16 runs prefix "bf16_"
 _TAG_RE = re.compile(rf"^{TAG_PREFIX}(\d+)$")
 
 

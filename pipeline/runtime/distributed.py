@@ -182,9 +182,7 @@ def device_for(info: DistInfo, kind: str, device_count: int | None = None) -> to
     return torch.device("cuda", 0 if count == 1 else info.local_rank % count)
 
 
-def init_distributed(
-    info: DistInfo, device: str, timeout_s: float = 1800.0, group_of_one: bool = True
-) -> torch.device:
+def init_distributed(info: DistInfo, device: str, timeout_s: float = 1800.0, group_of_one: bool = True) -> torch.device:
     """Export the env, pin the GPU, start torch.distributed via DeepSpeed (gloo on CPU); returns the device.
 
     Every stage (training and evaluation) starts its process group here. A single process starts

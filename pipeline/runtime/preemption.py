@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import signal
-
 from types import FrameType
 
 from pipeline.runtime.exit_codes import PREEMPTED_EXIT_CODE

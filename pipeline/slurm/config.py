@@ -6,6 +6,7 @@ Loaded by the one strict loader (pipeline/config/loader.py) as defaults <- YAML 
 overrides (`--pretrain.resources.nodes=8`, `--prep.sources.0.inputs=[a.tsv]`), then checked: an
 unknown key, a wrong type or an impossible value is one `ConfigError` naming the key.
 """
+
 from __future__ import annotations
 
 import re

@@ -10,6 +10,7 @@ says so; if cancelling fails too, the ids to cancel are printed. `status`/`wait`
 with `scontrol show job -o` and name the failed job and the dependents that will never run.
 Console output is this command's product, hence `print` (to stdout), not logging.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,18 @@ DEFAULT_CONFIG = "slurm_demo.yaml"
 SUBMISSION_FILE = "submission.json"  # RUN/slurm/submission.json: what was submitted, for status()
 # Final job states; PENDING with reason DependencyNeverSatisfied is final too (without
 # kill_invalid_depend SLURM keeps such jobs pending forever).
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+}
 NEVER_SATISFIED = "DependencyNeverSatisfied"
 PREP_PATH_OPTIONS = ("image_root", "regions", "exclude", "captions_file")  # `albef prep` flags naming files
 
@@ -102,8 +113,12 @@ class JobInfo:
         return self.state == "COMPLETED"
 
 
-def submit(stages: list[str] | tuple[str, ...] | str = STAGES, config: str | None = None, dry_run: bool = False,
-           overrides: dict[str, Any] | None = None) -> list[PlannedJob]:
+def submit(
+    stages: list[str] | tuple[str, ...] | str = STAGES,
+    config: str | None = None,
+    dry_run: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> list[PlannedJob]:
     """Plan the chain from the settings, write the task lists, then print (dry run) or submit it.
 
     Returns the planned jobs, with `job_id` set when submitted. Raises ConfigError for bad
@@ -127,8 +142,12 @@ def submit(stages: list[str] | tuple[str, ...] | str = STAGES, config: str | Non
     return plan.jobs
 
 
-def submit_command(stages: list[str] | tuple[str, ...] | str = STAGES, config: str | None = None,
-                   dry_run: bool = False, overrides: dict[str, Any] | None = None) -> int:
+def submit_command(
+    stages: list[str] | tuple[str, ...] | str = STAGES,
+    config: str | None = None,
+    dry_run: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> int:
     """`albef slurm submit` as an exit code: 0 submitted/printed, 2 bad settings, 1 sbatch failed.
 
     The errors are one readable message on stderr (not a traceback): they name the key or the job.
@@ -184,11 +203,16 @@ def build_plan(settings: SlurmSettings, stages: list[str]) -> Plan:
     prep_lines, feeds = _prep_tasks(settings, run_dir, plan.warnings)
     common = _common_args(settings)
 
-    def add(name: str, res: Resources, script: str, args: list[str], array_size: int = 0,
-            signal: int | None = None) -> None:
+    def add(
+        name: str, res: Resources, script: str, args: list[str], array_size: int = 0, signal: int | None = None
+    ) -> None:
         log = "%x-%A_%a.out" if array_size else "%x-%j.out"
-        argv = ["sbatch", "--parsable", f"--job-name=albef-{name.replace('_', '-')}",
-                f"--output={run_dir / 'logs' / log}"]
+        argv = [
+            "sbatch",
+            "--parsable",
+            f"--job-name=albef-{name.replace('_', '-')}",
+            f"--output={run_dir / 'logs' / log}",
+        ]
         if array_size:
             limit = f"%{res.max_parallel}" if res.max_parallel else ""
             argv.append(f"--array=1-{array_size}{limit}")
@@ -226,8 +250,9 @@ def build_plan(settings: SlurmSettings, stages: list[str]) -> Plan:
     return plan
 
 
-def _prep_tasks(settings: SlurmSettings, run_dir: Path,
-                warnings: list[str]) -> tuple[list[list[str]], dict[str, dict[str, list[str]]]]:
+def _prep_tasks(
+    settings: SlurmSettings, run_dir: Path, warnings: list[str]
+) -> tuple[list[list[str]], dict[str, dict[str, list[str]]]]:
     """One `albef prep` argument list per input chunk, and where each output folder is fed to."""
     lines: list[list[str]] = []
     feeds: dict[str, dict[str, list[str]]] = {}
@@ -245,8 +270,10 @@ def _prep_tasks(settings: SlurmSettings, run_dir: Path,
             for key in PREP_PATH_OPTIONS:  # task lines must not depend on the job's working folder
                 if isinstance(options.get(key), str) and "://" not in options[key]:
                     options[key] = _abs(options[key])
-            lines.append([src.source, f"--input={_abs(path)}", f"--output={out}"]
-                         + [f"--{k}={_value(v)}" for k, v in options.items()])
+            lines.append(
+                [src.source, f"--input={_abs(path)}", f"--output={out}"]
+                + [f"--{k}={_value(v)}" for k, v in options.items()]
+            )
         for feed in src.feeds:
             stage, _, key = feed.partition(":")
             feeds.setdefault(stage, {}).setdefault(key, []).extend(outputs)
@@ -287,8 +314,11 @@ def _override_args(overrides: dict[str, Any], fed: dict[str, list[str]], key: st
 
 def _common_args(settings: SlurmSettings) -> list[str]:
     c = settings.cluster
-    args = [f"--{name}={value}" for name, value in (("partition", c.partition), ("account", c.account),
-                                                    ("qos", c.qos)) if value]
+    args = [
+        f"--{name}={value}"
+        for name, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos))
+        if value
+    ]
     return args + list(c.sbatch_args)
 
 
@@ -335,8 +365,9 @@ def write_task_files(plan: Plan) -> None:
 def submit_plan(plan: Plan) -> None:
     """sbatch every job in order, each after the previous; on a failure cancel what was submitted."""
     if shutil.which("sbatch") is None:
-        raise SlurmSubmitError("sbatch not found on PATH: submit from a SLURM login node, "
-                               "or use --dry_run to print the sbatch lines")
+        raise SlurmSubmitError(
+            "sbatch not found on PATH: submit from a SLURM login node, or use --dry_run to print the sbatch lines"
+        )
     ids: dict[str, str] = {}
     for job in plan.jobs:
         argv = job.command(ids[job.after] if job.after else None)
@@ -350,8 +381,9 @@ def submit_plan(plan: Plan) -> None:
             error = f"unexpected sbatch output {proc.stdout!r}" if proc is not None else "no output"
         if error:
             cancelled = _cancel(list(ids.values()))
-            raise SlurmSubmitError(f"sbatch failed for stage '{job.name}': {error}\n  command: {shlex.join(argv)}\n"
-                                   f"  {cancelled}")
+            raise SlurmSubmitError(
+                f"sbatch failed for stage '{job.name}': {error}\n  command: {shlex.join(argv)}\n  {cancelled}"
+            )
         job.job_id = ids[job.name] = job_id
     _write_submission(plan)
 
@@ -370,8 +402,11 @@ def _cancel(job_ids: list[str]) -> str:
 
 
 def _write_submission(plan: Plan) -> None:
-    record = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(plan.run_dir),
-              "jobs": [asdict(j) for j in plan.jobs]}
+    record = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(plan.run_dir),
+        "jobs": [asdict(j) for j in plan.jobs],
+    }
     path = plan.run_dir / "slurm" / SUBMISSION_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -392,7 +427,9 @@ def _print_submitted(plan: Plan) -> None:
     ids = ",".join(j.job_id or "" for j in plan.jobs)
     print(f"logs:        {plan.run_dir / 'logs'}")
     print(f"queue:       squeue --jobs={ids}")
-    print(f"tensorboard: {tensorboard_command(plan.run_dir)}   (from your machine: ssh -L 6006:localhost:6006 <login node>)")
+    print(
+        f"tensorboard: {tensorboard_command(plan.run_dir)}   (from your machine: ssh -L 6006:localhost:6006 <login node>)"
+    )
 
 
 # ----------------------------------------------------------------------------- status
@@ -419,9 +456,17 @@ def query_job(job_id: str, stage: str) -> list[JobInfo]:
             continue
         task = fields.get("ArrayTaskId")
         shown = f"{fields.get('ArrayJobId')}_{task}" if task else fields.get("JobId", job_id)
-        infos.append(JobInfo(stage=stage, job_id=shown, state=fields.get("JobState", "UNKNOWN"),
-                             reason=fields.get("Reason", ""), exit_code=fields.get("ExitCode", ""),
-                             restarts=int(fields.get("Restarts", "0") or 0), log=fields.get("StdOut", "")))
+        infos.append(
+            JobInfo(
+                stage=stage,
+                job_id=shown,
+                state=fields.get("JobState", "UNKNOWN"),
+                reason=fields.get("Reason", ""),
+                exit_code=fields.get("ExitCode", ""),
+                restarts=int(fields.get("Restarts", "0") or 0),
+                log=fields.get("StdOut", ""),
+            )
+        )
     return sorted(infos, key=lambda i: [int(p) if p.isdigit() else 0 for p in re.split(r"[_\[\]-]", i.job_id)])
 
 

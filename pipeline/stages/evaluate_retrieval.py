@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 
 def _save_scores(path: Path, scores: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    torch_save_atomic(path, {f"{name}_{side}": m for name, pair in scores.items() for side, m in zip(("i2t", "t2i"), pair)})
+    torch_save_atomic(
+        path, {f"{name}_{side}": m for name, pair in scores.items() for side, m in zip(("i2t", "t2i"), pair)}
+    )
 
 
 def evaluate_retrieval(

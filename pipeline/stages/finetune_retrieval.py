@@ -33,14 +33,12 @@ from model.retrieval import build_retrieval, load_retrieval_state
 from pipeline.config import (
     ConfigError,
     DataConfig,
-    DeepSpeedSection,
-    LoggingConfig,
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    TrainingStageConfig,
     check,
     load_config,
-    validate_sections,
 )
 from pipeline.data import check_prep_folders
 from pipeline.retrieval.evaluate import EvalConfig, evaluate_model
@@ -85,19 +83,17 @@ class RetrievalOptimConfig(OptimConfig):
 
 
 @dataclass
-class RetrievalConfig:
-    """`albef finetune retrieval`: the trainer's sections + the retrieval data and evaluation."""
+class RetrievalConfig(TrainingStageConfig):
+    """`albef finetune retrieval`: the shared sections with fine-tuning defaults + the evaluation."""
 
     model: RetrievalModelConfig = field(default_factory=RetrievalModelConfig)
     data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
     train: RetrievalTrainConfig = field(default_factory=RetrievalTrainConfig)
     optim: RetrievalOptimConfig = field(default_factory=RetrievalOptimConfig)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, prefix: str = "") -> None:
-        validate_sections(self, prefix)
+        super().validate(prefix)
         for name in ("vision_weights", "text_weights"):
             check(
                 getattr(self.model, name) is None,

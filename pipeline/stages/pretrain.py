@@ -9,7 +9,7 @@ Under torchrun / srun every rank runs the same command. Exit codes: 0 finished, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,17 +17,7 @@ from torch import nn
 
 from model.albef import build_albef
 from model.masking import mask_tokens
-from pipeline.config import (
-    ConfigError,
-    DataConfig,
-    DeepSpeedSection,
-    LoggingConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    load_config,
-    validate_sections,
-)
+from pipeline.config import ConfigError, TrainingStageConfig, load_config
 from pipeline.data import check_prep_folders
 from pipeline.runtime.distributed import DistInfo
 from pipeline.train.albef_task import AlbefTask, batch_tensors
@@ -36,18 +26,8 @@ from pipeline.weights.init import init_from_pretrained
 
 
 @dataclass
-class PretrainConfig:
-    """`albef pretrain`: ITC + ITM + MLM on image-text shards."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    def validate(self, prefix: str = "") -> None:
-        validate_sections(self, prefix)
+class PretrainConfig(TrainingStageConfig):
+    """`albef pretrain`: ITC + ITM + MLM on image-text shards (the shared sections, paper defaults)."""
 
 
 def check_pretrain_runtime(cfg: PretrainConfig, info: DistInfo, device: str) -> None:

@@ -55,7 +55,9 @@ class TrainGeometry:
             ("stream segment", f"{self.segment_steps:,} micro-steps"),
         ]
         if self.queue_size is not None:
-            rows.append(("queue", f"{self.queue_size:,} = {self.queue_size // self.gathered_batch} x {self.gathered_batch}"))
+            rows.append(
+                ("queue", f"{self.queue_size:,} = {self.queue_size // self.gathered_batch} x {self.gathered_batch}")
+            )
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
@@ -111,4 +113,3 @@ def segment_steps_for(save_every_steps: int, grad_accum_steps: int, cap: int = S
     if interval <= cap:
         return interval
     return max(d for d in range(1, cap + 1) if interval % d == 0)
-

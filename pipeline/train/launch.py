@@ -22,9 +22,9 @@ import torch
 from pipeline.config import REPO_ROOT, ConfigError, to_dict, to_yaml
 from pipeline.runtime.distributed import DistInfo, dist_info_from_env, init_distributed
 from pipeline.runtime.ds_config import build_ds_config, resolve_device
+from pipeline.runtime.exit_codes import CONFIG_ERROR_EXIT_CODE, FAILED_EXIT_CODE
 from pipeline.runtime.io import write_text_atomic
 from pipeline.runtime.logs import setup_logging
-from pipeline.runtime.exit_codes import CONFIG_ERROR_EXIT_CODE, FAILED_EXIT_CODE
 from pipeline.train.geometry import derive_geometry
 from pipeline.train.task import TrainTask
 from pipeline.train.trainer import NonFiniteLossError, Trainer

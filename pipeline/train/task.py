@@ -54,7 +54,9 @@ class StepOutput:
     loss: torch.Tensor  # fp32 scalar to backpropagate
     scalars: dict[str, torch.Tensor | float] = field(default_factory=dict)
     num_samples: int = 0  # images in this micro-batch on this rank
-    queue_update: dict[str, torch.Tensor] | None = None  # keyword args of model.enqueue, per rank (gathered by the trainer)
+    queue_update: dict[str, torch.Tensor] | None = (
+        None  # keyword args of model.enqueue, per rank (gathered by the trainer)
+    )
 
 
 class TrainTask:
@@ -98,4 +100,3 @@ class TrainTask:
     def export_extra(self) -> dict[str, Any]:
         """Extra entries stored in exported files / client state (e.g. the model config)."""
         return {}
-

@@ -54,8 +54,8 @@ from pipeline.config import LoggingConfig, OptimConfig, TrainConfig
 from pipeline.runtime import checkpoint
 from pipeline.runtime.distributed import DistInfo, device_for
 from pipeline.runtime.ds_config import precision_of
-from pipeline.runtime.io import torch_load_weights_only
 from pipeline.runtime.exit_codes import FINISHED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from pipeline.runtime.io import torch_load_weights_only
 from pipeline.runtime.preemption import PreemptionHandler
 from pipeline.runtime.seeds import derive_seed
 from pipeline.runtime.tb_logger import TBLogger, console_line

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import BertForMaskedLM
 
 from model.albef import ALBEF
-from model.convert import ConversionReport, from_official, text_from_hf_bert, vision_from_timm
+from model.convert import ConversionReport, text_from_hf_bert, vision_from_timm
 from pipeline.runtime.io import read_state_dict
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "load_vision_init",
     "load_text_init",
     "init_from_pretrained",
-    "load_official_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,17 +111,3 @@ def init_from_pretrained(
         reports["text"] = load_text_init(model, text, allow_missing_mlm_head=allow_missing_mlm_head)
     model.copy_params()
     return reports
-
-
-def load_official_checkpoint(
-    model: ALBEF, path: str | Path, *, allowed_missing: Iterable[str] = ()
-) -> ConversionReport:
-    """An official ALBEF checkpoint (ALBEF_4M.pth / fine-tuned ALBEF.pth) into our pretraining model.
-
-    `allowed_missing`: key prefixes the caller accepts as missing, e.g. ("text_encoder.cls.",
-    "text_encoder_m.cls.") for a fine-tuned retrieval checkpoint, which has no MLM head.
-    """
-    converted, report = from_official(read_state_dict(path), model.config, strict=False)
-    skipped_queues = {"image_queue", "text_queue", "queue_ptr"} & set(report.skipped)
-    allowed = tuple(allowed_missing) + tuple(sorted(skipped_queues))
-    return _load_checked(model, converted, report, f"official checkpoint {path}", allowed)

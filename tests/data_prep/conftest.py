@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prep_testutils import FORCED_404, make_media
 
 from data_prep.http_server import FolderServer
+
+from prep_testutils import FORCED_404, make_media
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from prep_testutils import read_samples, write_png_bomb
 
 from data_prep.http_server import FolderServer
 from data_prep.img2ds import MAX_PIXELS_ENV, child_env
 from data_prep.manifest import MAX_PIXELS_REASON
+
+from prep_testutils import read_samples, write_png_bomb
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BOMB_SIDE = 30_000

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from prep_testutils import check_output
 
 from data_prep.errors import PrepError
 from data_prep.http_server import FolderServer
 from data_prep.prep import prepare
 from data_prep.records import url_image_id
+
+from prep_testutils import check_output
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 N_IMAGES, PER_SHARD = 16, 4

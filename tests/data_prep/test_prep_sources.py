@@ -21,11 +21,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from prep_testutils import DECODE_ERROR, MEDIA_OUTCOMES, check_output, expected_failures
 
 from data_prep.http_server import FolderServer
 from data_prep.prep import prepare
 from data_prep.records import url_image_id
+
+from prep_testutils import DECODE_ERROR, MEDIA_OUTCOMES, check_output, expected_failures
 
 NAMES = list(MEDIA_OUTCOMES)
 OK = [n for n in NAMES if MEDIA_OUTCOMES[n] == "ok"]

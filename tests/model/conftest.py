@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from albef_testutils import load_oracle_model, oracle_config
 
 from model import ALBEF, ALBEFConfig
+
+from albef_testutils import load_oracle_model, oracle_config
 
 
 @pytest.fixture(scope="session")

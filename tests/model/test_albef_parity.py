@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from albef_testutils import assert_close, assert_rel, load_oracle_model
 
 from model.losses import mlm_loss
 from model.masking import apply_mask_draws
+
+from albef_testutils import assert_close, assert_rel, load_oracle_model
 
 MASK_TOKEN_ID = 103
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from albef_testutils import assert_close, assert_rel, oracle_config
 
 from model import ALBEF, ALBEFConfig, build_albef
 from model.convert import to_official
@@ -15,6 +14,8 @@ from model.losses import itc_loss, itm_loss
 from model.retrieval import EMPTY_IDX, ALBEFRetrieval, RetrievalOutput, build_retrieval, load_retrieval_state
 from model.text import build_text_encoder
 from model.vision import build_vision_encoder
+
+from albef_testutils import assert_close, assert_rel, oracle_config
 
 
 def _oracle_retrieval(oracle_dir: Path):

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from pipeline_testutils import make_shards, make_synthetic_splits
 
 

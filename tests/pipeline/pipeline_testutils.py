@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import webdataset as wds
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

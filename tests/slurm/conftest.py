@@ -5,6 +5,7 @@ slurm.conf under ALBEF_SLURM_DIR, and starts only what is not already running; t
 exactly the daemons this session's start launched. Client commands find the cluster through
 SLURM_CONF, which the fixture sets for the whole session (and jobs inherit with --export=ALL).
 """
+
 from __future__ import annotations
 
 import os

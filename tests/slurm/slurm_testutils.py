@@ -1,4 +1,5 @@
 """Helpers shared by the SLURM tests (reading job states and job logs)."""
+
 from __future__ import annotations
 
 import subprocess

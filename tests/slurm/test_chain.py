@@ -7,6 +7,7 @@ prep array (3 tasks: two chunks of the train list + the test split) -> prep chec
 The preemption is delivered inside the chain rather than in a separate pretraining job: it also
 proves that dependents wait through a requeue, and it saves a second DeepSpeed start-up in CI.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from slurm_testutils import job_fields, wait_for_file_text
 
 from pipeline.slurm.submit import format_status, wait
+
+from slurm_testutils import job_fields, wait_for_file_text
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +35,7 @@ def make_inputs(root: Path) -> tuple[list[Path], Path, Path]:
     synth = write_synthetic(root, n_train=96, n_test=24, image_size=64, seed=0)
     images = json.loads(synth.karpathy_json.read_text())["images"]
     chunks = []
-    for i, part in enumerate((images[: len(images) // 2], images[len(images) // 2:])):
+    for i, part in enumerate((images[: len(images) // 2], images[len(images) // 2 :])):
         path = root / f"chunk{i}.json"
         path.write_text(json.dumps({"dataset": "synthetic", "images": part}))
         chunks.append(path)
@@ -50,7 +52,11 @@ def chain_settings(tmp_path: Path) -> Path:
     train.update(inputs=[str(p) for p in chunks], options={"split": "train", **common})
     test.update(inputs=[str(full)], options={"split": "test", **common})
     # Long enough to be signalled mid-run after the first checkpoint, short enough for CI.
-    settings["pretrain"]["overrides"] = {"train.max_steps": 16, "train.save_every_steps": 3, "logging.log_every_steps": 1}
+    settings["pretrain"]["overrides"] = {
+        "train.max_steps": 16,
+        "train.save_every_steps": 3,
+        "logging.log_every_steps": 1,
+    }
     path = tmp_path / "slurm_chain.yaml"
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return path
@@ -61,8 +67,21 @@ def test_demo_chain_with_preempted_pretrain_completes(slurm_cluster, tmp_path: P
     config = chain_settings(tmp_path)
     run = tmp_path / "run"
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "slurm", "submit", "--stages=prep,pretrain,finetune,eval",
-                           f"--config={config}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "slurm",
+            "submit",
+            "--stages=prep,pretrain,finetune,eval",
+            f"--config={config}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ids = dict(re.findall(r"^\s+(prep|prep_check|pretrain|finetune|eval)\s+(\d+)\s", proc.stdout, re.M))
     assert list(ids) == ["prep", "prep_check", "pretrain", "finetune", "eval"], proc.stdout

@@ -1,4 +1,5 @@
 """On the real one-node SLURM: the cluster works, submissions chain, failures are reported."""
+
 from __future__ import annotations
 
 import subprocess
@@ -6,18 +7,30 @@ from pathlib import Path
 
 import pytest
 import yaml
-from slurm_testutils import job_fields
 
 from pipeline.slurm.submit import NEVER_SATISFIED, SlurmSubmitError, format_status, status_command, submit, wait
+
+from slurm_testutils import job_fields
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def test_cluster_runs_a_trivial_job(slurm_cluster, tmp_path: Path) -> None:
     out = tmp_path / "hello.out"
-    proc = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={out}", "--ntasks=2",
-                           "--wrap", "srun bash -c 'echo hello from rank $SLURM_PROCID'"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--wait",
+            f"--output={out}",
+            "--ntasks=2",
+            "--wrap",
+            "srun bash -c 'echo hello from rank $SLURM_PROCID'",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip()
     assert sorted(out.read_text().split("\n")[:2]) == ["hello from rank 0", "hello from rank 1"]
@@ -29,9 +42,12 @@ def _settings(tmp_path: Path, prep_input: Path, **pretrain: object) -> Path:
     (tmp_path / "pre.yaml").write_text("{}\n")
     settings = {
         "run_dir": str(tmp_path / "run"),
-        "prep": {"resources": {"time": "00:05:00"},
-                 "sources": [{"name": "toy", "source": "cc3m", "inputs": [str(prep_input)],
-                              "feeds": ["pretrain:data.train"]}]},
+        "prep": {
+            "resources": {"time": "00:05:00"},
+            "sources": [
+                {"name": "toy", "source": "cc3m", "inputs": [str(prep_input)], "feeds": ["pretrain:data.train"]}
+            ],
+        },
         "pretrain": {"config": str(tmp_path / "pre.yaml"), "resources": {"time": "00:05:00"}, **pretrain},
     }
     path = tmp_path / "slurm.yaml"
@@ -44,8 +60,9 @@ def test_failed_submission_cancels_what_was_submitted(slurm_cluster, tmp_path: P
     # does not exist, so its sbatch fails after prep and prep_check were submitted.
     config = _settings(tmp_path, tmp_path / "in.tsv", resources={"sbatch_args": ["--partition=no_such_partition"]})
     with pytest.raises(SlurmSubmitError) as err:
-        submit(stages="prep,pretrain", config=str(config),
-               overrides={"prep.resources.sbatch_args": ["--begin=now+300"]})
+        submit(
+            stages="prep,pretrain", config=str(config), overrides={"prep.resources.sbatch_args": ["--begin=now+300"]}
+        )
     message = str(err.value)
     assert "stage 'pretrain'" in message and "invalid partition" in message.lower()
     cancelled = message.split("cancelled the jobs already submitted: ")[1].split()
@@ -55,8 +72,9 @@ def test_failed_submission_cancels_what_was_submitted(slurm_cluster, tmp_path: P
     assert not (tmp_path / "run" / "slurm" / "submission.json").exists()
 
 
-def test_failing_stage_leaves_dependents_never_satisfied(slurm_cluster, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_failing_stage_leaves_dependents_never_satisfied(
+    slurm_cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     missing = tmp_path / "no_such_input.tsv"  # a real failure: `albef prep` exits non-zero on it
     jobs = submit(stages="prep,pretrain", config=str(_settings(tmp_path, missing)))
     printed = capsys.readouterr().out

@@ -4,6 +4,7 @@ Sources: "a" (3 shards x 6 samples), "b" (2 shards x 5), and "bad": one shard wi
 JPEG and a caption-less sample among good ones, one truncated tar whose manifest still lists
 its full count.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,17 +49,33 @@ def _write_source(root: Path, name: str, shards: list[list[dict]], listed: list[
             for s in samples:
                 sink.write(s)
         entries.append({"path": f"shards/{i:05d}.tar", "samples": listed[i] if listed else len(samples)})
-    manifest = {"format_version": 1, "source": name, "split": "train", "shards": entries,
-                "num_samples": sum(e["samples"] for e in entries), "num_captions": 0, "input_rows": 0,
-                "skipped": {}, "failures": {}, "successes": 0, "settings": {}, "elapsed_s": 0.0, "created": ""}
+    manifest = {
+        "format_version": 1,
+        "source": name,
+        "split": "train",
+        "shards": entries,
+        "num_samples": sum(e["samples"] for e in entries),
+        "num_captions": 0,
+        "input_rows": 0,
+        "skipped": {},
+        "failures": {},
+        "successes": 0,
+        "settings": {},
+        "elapsed_s": 0.0,
+        "created": "",
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
 
 def _good_shards(prefix: str, n_shards: int, per_shard: int, rng: np.random.Generator) -> list[list[dict]]:
     return [
-        [_sample(f"{prefix}{s:02d}{k:03d}", _jpeg(rng), [f"Cap {j} of {prefix}{s}{k}, nice!" for j in range(1 + k % 3)])
-         for k in range(per_shard)]
+        [
+            _sample(
+                f"{prefix}{s:02d}{k:03d}", _jpeg(rng), [f"Cap {j} of {prefix}{s}{k}, nice!" for j in range(1 + k % 3)]
+            )
+            for k in range(per_shard)
+        ]
         for s in range(n_shards)
     ]
 
@@ -76,7 +93,12 @@ def data(tmp_path_factory) -> dict:
     bad = _write_source(root / "bad", "bad", [bad0, bad1])
     tar = bad / "shards" / "00001.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
-    return {"a": a, "b": b, "bad": bad, "bad_good_keys": {s["__key__"] for s in bad0 if s["__key__"] not in ("x00100", "x00101")}}
+    return {
+        "a": a,
+        "b": b,
+        "bad": bad,
+        "bad_good_keys": {s["__key__"] for s in bad0 if s["__key__"] not in ("x00100", "x00101")},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +107,20 @@ def tokenizer():
 
 
 def _train(data, tokenizer, **kw):
-    args = dict(batch_size=4, rank=0, world_size=1, num_workers=2, seed=7, start_step=0, image_res=RES,
-                tokenizer=tokenizer, max_len=12, segment_steps=3, shuffle_buffer=8, pin_memory=False)
+    args = dict(
+        batch_size=4,
+        rank=0,
+        world_size=1,
+        num_workers=2,
+        seed=7,
+        start_step=0,
+        image_res=RES,
+        tokenizer=tokenizer,
+        max_len=12,
+        segment_steps=3,
+        shuffle_buffer=8,
+        pin_memory=False,
+    )
     args.update(kw)
     return build_train_loader([data["a"], data["b"]], **args)
 
@@ -104,7 +138,9 @@ def test_manifest_sizes_weights_and_errors(data, tmp_path) -> None:
     assert sum(probs[3:]) == pytest.approx(0.75)
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "manifest.json").write_text(json.dumps({"format_version": 1, "shards": [{"path": "x.tar", "samples": 3}]}))
+    (broken / "manifest.json").write_text(
+        json.dumps({"format_version": 1, "shards": [{"path": "x.tar", "samples": 3}]})
+    )
     with pytest.raises(FileNotFoundError, match="x.tar"):
         load_sources([broken])
     (broken / "manifest.json").write_text(json.dumps({"format_version": 2, "shards": []}))
@@ -153,7 +189,9 @@ def _all_keys(loader) -> list[str]:
 
 
 def test_finite_mode_two_ranks_two_workers_yield_every_sample_once(data, tokenizer) -> None:
-    expected = {f"a{s:02d}{k:03d}" for s in range(3) for k in range(6)} | {f"b{s:02d}{k:03d}" for s in range(2) for k in range(5)}
+    expected = {f"a{s:02d}{k:03d}" for s in range(3) for k in range(6)} | {
+        f"b{s:02d}{k:03d}" for s in range(2) for k in range(5)
+    }
     keys = []
     for rank in range(2):
         keys += _all_keys(_train(data, tokenizer, resampled=False, world_size=2, rank=rank, epoch=3))
@@ -169,9 +207,21 @@ def _bad_counts(loader) -> tuple[list[str], Counter]:
 
 
 def test_bad_samples_are_skipped_and_counted(data, tokenizer) -> None:
-    loader = build_train_loader([data["bad"]], batch_size=2, rank=0, world_size=1, num_workers=0, seed=0,
-                                start_step=0, image_res=RES, tokenizer=tokenizer, max_len=12, resampled=False,
-                                shuffle_buffer=0, pin_memory=False)
+    loader = build_train_loader(
+        [data["bad"]],
+        batch_size=2,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        seed=0,
+        start_step=0,
+        image_res=RES,
+        tokenizer=tokenizer,
+        max_len=12,
+        resampled=False,
+        shuffle_buffer=0,
+        pin_memory=False,
+    )
     keys, counts = _bad_counts(loader)
     assert data["bad_good_keys"] <= set(keys) and not {"x00100", "x00101"} & set(keys)
     assert len(keys) < 4 + 6  # the truncated tar lost samples
@@ -181,9 +231,22 @@ def test_bad_samples_are_skipped_and_counted(data, tokenizer) -> None:
 
 
 def test_bad_sample_counts_reach_resampled_batches(data, tokenizer) -> None:
-    loader = build_train_loader([data["bad"]], batch_size=2, rank=0, world_size=1, num_workers=2, seed=1,
-                                start_step=0, image_res=RES, tokenizer=tokenizer, max_len=12, num_steps=12,
-                                segment_steps=4, shuffle_buffer=4, pin_memory=False)
+    loader = build_train_loader(
+        [data["bad"]],
+        batch_size=2,
+        rank=0,
+        world_size=1,
+        num_workers=2,
+        seed=1,
+        start_step=0,
+        image_res=RES,
+        tokenizer=tokenizer,
+        max_len=12,
+        num_steps=12,
+        segment_steps=4,
+        shuffle_buffer=4,
+        pin_memory=False,
+    )
     keys, counts = _bad_counts(loader)
     assert len(keys) == 24 and not {"x00100", "x00101"} & set(keys)
     assert counts["bad_image"] > 0 and counts["missing_caption"] > 0
@@ -192,8 +255,15 @@ def test_bad_sample_counts_reach_resampled_batches(data, tokenizer) -> None:
 def test_eval_loader_each_image_once_with_all_captions(data) -> None:
     seen: dict[str, list[str]] = {}
     for rank in range(2):
-        loader = build_eval_loader([data["a"], data["b"]], batch_size=4, rank=rank, world_size=2, num_workers=2,
-                                   image_res=RES, pin_memory=False)
+        loader = build_eval_loader(
+            [data["a"], data["b"]],
+            batch_size=4,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            image_res=RES,
+            pin_memory=False,
+        )
         for batch in loader:
             assert batch["image"].shape[1:] == (3, RES, RES)
             for key, caps in zip(batch["key"], batch["captions"]):

@@ -1,4 +1,5 @@
 """pre_caption parity with the official rule, and the real bert-base-uncased tokenizer."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,7 @@ from pipeline.data.text import BERT_VOCAB_SIZE, build_tokenizer, bundled_vocab_p
         ("  two   spaces\n", "two spaces"),
         ("well-known t-shirt/jeans", "well known t shirt jeans"),
         ("<person> rides a bike.", "person rides a bike"),
-        ("it's (very) \"nice\"; ok: #1 *star* ~ wave?", "its very nice ok 1 star wave"),
+        ('it\'s (very) "nice"; ok: #1 *star* ~ wave?', "its very nice ok 1 star wave"),
         ("tab\tkept", "tab\tkept"),  # only runs of >= 2 whitespace chars collapse (official)
         ("", ""),
     ],

@@ -1,4 +1,5 @@
 """ALBEF transforms: shapes, normalisation, determinism, op semantics, draft decoding."""
+
 from __future__ import annotations
 
 import io
@@ -132,3 +133,39 @@ def test_randaugment_skips_ops_with_probability_half() -> None:
     aug = RandAugment(num_ops=1, ops=("Rotate",))
     changed = sum(not np.array_equal(aug(img, random.Random(s)), img) for s in range(200))
     assert 70 < changed < 130
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` pixels (the IHDR is patched, CRC fixed)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    start = data.index(b"IHDR")
+    data[start + 4 : start + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[start : start + 17])) & 0xFFFFFFFF
+    data[start + 17 : start + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_decompression_bomb_is_refused_on_its_header() -> None:
+    from collections import Counter
+
+    from pipeline.data.stages import SkipCounter, _decode_image
+    from pipeline.data.transforms import MAX_PIXELS, TooManyPixels, open_image
+
+    bomb = _png_declaring(30000, 30000)
+    assert len(bomb) < 1000
+    with pytest.raises(TooManyPixels):
+        open_image(bomb)
+    assert open_image(_png_declaring(4, 4), max_pixels=16).size == (4, 4)
+    with pytest.raises(TooManyPixels):
+        open_image(_png_declaring(5, 4), max_pixels=16)
+    counter = SkipCounter()
+    assert _decode_image(bomb, lambda img, rng: img.load(), None, counter, "x") is None
+    assert Counter(counter.take()) == Counter({"too_many_pixels": 1}) and MAX_PIXELS == 89_478_485

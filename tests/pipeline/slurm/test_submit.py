@@ -1,4 +1,5 @@
 """The submitter without a cluster: settings validation, the exact --dry_run lines, clear errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,17 +27,37 @@ def write_settings(tmp_path: Path, **extra: object) -> Path:
     settings = {
         "run_dir": str(tmp_path / "run"),
         "cluster": {"partition": "gpu", "account": "proj1", "sbatch_args": ["--constraint=a100"]},
-        "prep": {"resources": {"cpus_per_task": 4, "time": "02:00:00", "max_parallel": 2},
-                 "sources": [
-                     {"name": "toy", "source": "cc3m", "inputs": [str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")],
-                      "feeds": ["pretrain:data.train"]},
-                     {"name": "toy_test", "source": "flickr30k", "inputs": [str(tmp_path / "k.json")],
-                      "options": {"split": "test", "image_root": "img"}, "feeds": ["eval", "finetune:data.val"]},
-                 ]},
-        "pretrain": {"resources": {"nodes": 2, "ntasks_per_node": 4, "gpus_per_node": 4, "cpus_per_task": 8,
-                                   "mem": "200G", "time": "1-00:00:00"},
-                     "config": str(tmp_path / "pre.yaml"), "overrides": {"train.max_steps": 10},
-                     "preempt_grace_s": 90},
+        "prep": {
+            "resources": {"cpus_per_task": 4, "time": "02:00:00", "max_parallel": 2},
+            "sources": [
+                {
+                    "name": "toy",
+                    "source": "cc3m",
+                    "inputs": [str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")],
+                    "feeds": ["pretrain:data.train"],
+                },
+                {
+                    "name": "toy_test",
+                    "source": "flickr30k",
+                    "inputs": [str(tmp_path / "k.json")],
+                    "options": {"split": "test", "image_root": "img"},
+                    "feeds": ["eval", "finetune:data.val"],
+                },
+            ],
+        },
+        "pretrain": {
+            "resources": {
+                "nodes": 2,
+                "ntasks_per_node": 4,
+                "gpus_per_node": 4,
+                "cpus_per_task": 8,
+                "mem": "200G",
+                "time": "1-00:00:00",
+            },
+            "config": str(tmp_path / "pre.yaml"),
+            "overrides": {"train.max_steps": 10},
+            "preempt_grace_s": 90,
+        },
         "finetune": {"config": str(tmp_path / "ft.yaml")},
         "eval": {"checkpoints": ["finetune", "pretrain"], "k_test": 16},
     }
@@ -63,7 +84,7 @@ def test_dry_run_prints_the_exact_sbatch_lines(tmp_path: Path, capsys: pytest.Ca
         f"pretrain=$(sbatch --parsable --job-name=albef-pretrain --output={run}/logs/%x-%j.out "
         f"--dependency=afterok:$prep_check {site} --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 --cpus-per-task=8 "
         f"--mem=200G --time=1-00:00:00 --signal=B:USR1@90 {export} {s}/pretrain.sbatch {run}/pretrain {t}/pre.yaml "
-        f"--train.max_steps=10 '--data.train=[\"{run}/prep/toy/part-000\", \"{run}/prep/toy/part-001\"]')",
+        f'--train.max_steps=10 \'--data.train=["{run}/prep/toy/part-000", "{run}/prep/toy/part-001"]\')',
         f"finetune=$(sbatch --parsable --job-name=albef-finetune --output={run}/logs/%x-%j.out "
         f"--dependency=afterok:$pretrain {site} --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --time=01:00:00 "
         f"--signal=B:USR1@120 {export} {s}/finetune.sbatch {run}/finetune {t}/ft.yaml {run}/pretrain "
@@ -87,29 +108,38 @@ def test_dry_run_prints_the_exact_sbatch_lines(tmp_path: Path, capsys: pytest.Ca
     assert not (run / "slurm" / "submission.json").exists()
 
 
-def test_dry_run_of_a_partial_chain_has_no_dangling_dependency(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_of_a_partial_chain_has_no_dangling_dependency(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = write_settings(tmp_path)
-    submit(stages=("finetune", "pretrain"), config=str(config), dry_run=True,
-           overrides={"pretrain.resources.nodes": 1, "finetune.checkpoint": "/ckpt/official.pth"})
+    submit(
+        stages=("finetune", "pretrain"),
+        config=str(config),
+        dry_run=True,
+        overrides={"pretrain.resources.nodes": 1, "finetune.checkpoint": "/ckpt/official.pth"},
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(("#", "warning:"))]
     assert [line.split("=", 1)[0] for line in lines] == ["pretrain", "finetune"]  # pipeline order
     assert "--dependency" not in lines[0] and "--nodes=1 " in lines[0]
     assert "--dependency=afterok:$pretrain " in lines[1] and " /ckpt/official.pth " in lines[1]
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    ({"pretrain.resources.nodez": 2}, "pretrain.resources.nodez"),
-    ({"pretrain.resources.nodes": 0}, "pretrain.resources.nodes"),
-    ({"pretrain.resources.nodes": "two"}, "pretrain.resources.nodes"),
-    ({"prep.resources.time": "3 hours"}, "prep.resources.time"),
-    ({"prep.sources.0.feeds": ["pretrain"]}, "prep.sources.0.feeds"),
-    ({"prep.sources.1.name": "toy"}, "prep.sources.1.name"),
-    ({"prep.sources.0.options": {"output": "/x"}}, "prep.sources.0.options.output"),
-    ({"prep.sources.5.name": "x"}, "prep.sources.5.name"),
-    ({"finetune.config": "no_such_config.yaml"}, "finetune.config"),
-    ({"pretrain.overrides": {"data.train": ["/x"]}}, "pretrain.overrides.data.train"),
-    ({"eval.checkpoints": []}, "eval.checkpoints"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"pretrain.resources.nodez": 2}, "pretrain.resources.nodez"),
+        ({"pretrain.resources.nodes": 0}, "pretrain.resources.nodes"),
+        ({"pretrain.resources.nodes": "two"}, "pretrain.resources.nodes"),
+        ({"prep.resources.time": "3 hours"}, "prep.resources.time"),
+        ({"prep.sources.0.feeds": ["pretrain"]}, "prep.sources.0.feeds"),
+        ({"prep.sources.1.name": "toy"}, "prep.sources.1.name"),
+        ({"prep.sources.0.options": {"output": "/x"}}, "prep.sources.0.options.output"),
+        ({"prep.sources.5.name": "x"}, "prep.sources.5.name"),
+        ({"finetune.config": "no_such_config.yaml"}, "finetune.config"),
+        ({"pretrain.overrides": {"data.train": ["/x"]}}, "pretrain.overrides.data.train"),
+        ({"eval.checkpoints": []}, "eval.checkpoints"),
+    ],
+)
 def test_bad_settings_name_the_key(tmp_path: Path, overrides: dict, key: str) -> None:
     config = write_settings(tmp_path)
     with pytest.raises(ConfigError) as err:
@@ -136,20 +166,25 @@ def test_bundled_settings_load() -> None:
 
 
 def test_status_report_names_failed_and_never_run_jobs() -> None:
-    line = ("JobId=7 ArrayJobId=5 ArrayTaskId=2 JobName=albef-prep UserId=root(0) JobState=FAILED "
-            "Reason=NonZeroExitCode Dependency=(null) Restarts=0 ExitCode=1:0 StdOut=/r/logs/albef-prep-5_2.out")
+    line = (
+        "JobId=7 ArrayJobId=5 ArrayTaskId=2 JobName=albef-prep UserId=root(0) JobState=FAILED "
+        "Reason=NonZeroExitCode Dependency=(null) Restarts=0 ExitCode=1:0 StdOut=/r/logs/albef-prep-5_2.out"
+    )
     fields = parse_scontrol_line(line)
     assert (fields["JobState"], fields["ExitCode"], fields["ArrayTaskId"]) == ("FAILED", "1:0", "2")
-    infos = [JobInfo("prep", "5_2", "FAILED", "NonZeroExitCode", "1:0", 0, "/r/logs/albef-prep-5_2.out"),
-             JobInfo("pretrain", "9", "CANCELLED", "DependencyNeverSatisfied", "0:0")]
+    infos = [
+        JobInfo("prep", "5_2", "FAILED", "NonZeroExitCode", "1:0", 0, "/r/logs/albef-prep-5_2.out"),
+        JobInfo("pretrain", "9", "CANCELLED", "DependencyNeverSatisfied", "0:0"),
+    ]
     report = format_status(infos)
     assert "FAILED: prep job 5_2" in report and "/r/logs/albef-prep-5_2.out" in report
     assert "NEVER RAN (DependencyNeverSatisfied, an upstream job failed): pretrain (9)" in report
     assert all(i.final for i in infos) and not any(i.ok for i in infos)
 
 
-def test_submit_command_turns_errors_into_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_submit_command_turns_errors_into_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = str(write_settings(tmp_path))
     assert submit_command("prep", config, dry_run=True, overrides={"prep.resources.cpus_per_task": -1}) == 2
     assert "bad settings: config key 'prep.resources.cpus_per_task'" in capsys.readouterr().err

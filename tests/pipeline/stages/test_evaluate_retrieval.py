@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_testutils import make_synthetic_splits
 
 from model import ALBEFConfig, build_albef
 from model.convert import to_official
 from pipeline.config import REPO_ROOT, ConfigError
 from pipeline.retrieval.report import METRIC_KEYS
 from pipeline.stages.evaluate_retrieval import evaluate_retrieval, load_eval_config
+
+from pipeline_testutils import make_synthetic_splits
 
 FAST = {"num_workers": 0, "device": "cpu"}
 
@@ -95,17 +96,23 @@ def test_official_layout_and_resolution_override(test_split: Path, tiny_ckpt, tm
     assert bigger["model_config"]["vision"]["image_size"] == 48
 
 
-def test_config_errors_name_the_key(test_split: Path, tmp_path: Path, capfd) -> None:
+def test_config_errors_name_the_key(test_split: Path, tiny_ckpt: tuple[Path, dict], tmp_path: Path, capfd) -> None:
     with pytest.raises(ConfigError, match="k_tst"):
         load_eval_config(None, {"k_tst": 3})
     with pytest.raises(ConfigError, match="'k_test'"):
         load_eval_config(0, {})
-    with pytest.raises(ConfigError, match="image_res"):
-        load_eval_config(None, {"eval.image_res": 50})
     assert load_eval_config(16, {"eval.pairs_per_batch": "64"}).pairs_per_batch == 64
-    with pytest.raises(SystemExit) as exc:  # the stage: one line naming the key, exit code 2
-        evaluate_retrieval(str(tmp_path / "missing.pth"), str(test_split), str(tmp_path), overrides=FAST)
-    assert exc.value.code == 2 and "config key 'checkpoint'" in capfd.readouterr().err
+    bad_pth = tmp_path / "bad.pth"
+    bad_pth.write_bytes(b"not a torch file")
+    for ckpt, overrides, key in [
+        (tmp_path / "missing.pth", FAST, "checkpoint"),
+        (bad_pth, FAST, "checkpoint"),
+        (tiny_ckpt[0], {**FAST, "eval.image_res": 50}, "image_res"),  # not a multiple of the checkpoint's patch
+    ]:
+        with pytest.raises(SystemExit) as exc:  # the stage: one line naming the key, exit code 2
+            evaluate_retrieval(str(ckpt), str(test_split), str(tmp_path / "out"), overrides=overrides)
+        assert exc.value.code == 2 and f"config key '{key}'" in capfd.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def _cli(args: list[str], rank: int, world: int, port: int) -> subprocess.Popen:

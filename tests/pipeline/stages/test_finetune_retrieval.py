@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from pipeline_testutils import make_synthetic_splits
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config
 from pipeline.stages.finetune_retrieval import RetrievalConfig, RetrievalTask, finetune_retrieval
 
+from pipeline_testutils import make_synthetic_splits
 
 
 @pytest.fixture(autouse=True)

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_testutils import REPO_ROOT, model_states, tb_scalars
 
 from pipeline.runtime import checkpoint
 from pipeline.runtime.exit_codes import PREEMPTED_EXIT_CODE
 from pipeline.runtime.preemption import PreemptionHandler
-from pipeline.runtime.tb_logger import console_line
 from pipeline.runtime.seeds import derive_seed
+from pipeline.runtime.tb_logger import console_line
 from pipeline.train.geometry import segment_steps_for
 from pipeline.train.trainer import weight_decay_groups
+
+from pipeline_testutils import REPO_ROOT, model_states, tb_scalars
 
 
 def test_weight_decay_groups_hold_trainable_params_once() -> None:

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from pipeline.runtime import checkpoint
+from pipeline.runtime.exit_codes import PREEMPTED_EXIT_CODE
+
 from pipeline_testutils import (
     launch,
     make_shards,
@@ -28,9 +32,6 @@ from pipeline_testutils import (
     tb_scalars,
     wait_all,
 )
-
-from pipeline.runtime import checkpoint
-from pipeline.runtime.exit_codes import PREEMPTED_EXIT_CODE
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

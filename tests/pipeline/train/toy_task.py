@@ -69,7 +69,9 @@ def main(argv: list[str]) -> int:
             loss = ((engine(batch["x"]) - batch["y"]) ** 2).mean()
             if ctx.step == args.nan_at:
                 loss = loss * float("nan")
-            return StepOutput(loss=loss, scalars={"loss_mse": loss}, num_samples=4, queue_update={"count": torch.ones(1)})
+            return StepOutput(
+                loss=loss, scalars={"loss_mse": loss}, num_samples=4, queue_update={"count": torch.ones(1)}
+            )
 
         def validate(self, model, ctx) -> dict[str, float]:
             x = torch.randn(64, 8, generator=torch.Generator().manual_seed(-1 % 2**31))
@@ -90,7 +92,9 @@ def main(argv: list[str]) -> int:
     optim = OptimConfig(lr=1e-2, warmup_lr=1e-3, min_lr=1e-3, warmup_steps=2)
     task = ToyTask()
     geometry = derive_geometry(train, optim, world_size=info.world_size, samples_per_epoch=task.samples_per_epoch())
-    ds = build_ds_config(DeepSpeedSection(config="ds_configs/cpu.json").config, geometry=geometry, optim=optim, device="cpu")
+    ds = build_ds_config(
+        DeepSpeedSection(config="ds_configs/cpu.json").config, geometry=geometry, optim=optim, device="cpu"
+    )
     init_distributed(info, "cpu")
     trainer = Trainer(
         task,

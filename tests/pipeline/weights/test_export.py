@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_testutils import REPO_ROOT, launch, make_shards, model_states, pretrain_cmd, read_log, wait_all
 
+from model.convert import from_official
 from pipeline.runtime import checkpoint
 from pipeline.weights.export import export
+
+from pipeline_testutils import REPO_ROOT, launch, make_shards, model_states, pretrain_cmd, read_log, wait_all
 
 pytestmark = [pytest.mark.slow]
 
@@ -114,12 +116,13 @@ def test_export_ours_and_official_give_identical_outputs(bf16_run: Path, tmp_pat
         else:
             assert torch.equal(state[key], value), key  # twins, queues, queue_ptr: as saved
 
-    from pipeline.weights.init import load_official_checkpoint
-
     a = _fresh_model(exported["model_config"])
     a.load_state_dict(exported["model"], strict=True)
     b = _fresh_model(exported["model_config"])
-    load_official_checkpoint(b, tmp_path / "official.pth")
+    official = torch.load(tmp_path / "official.pth", weights_only=True)
+    converted, report = from_official(official["model"], b.config, strict=True)
+    b.load_state_dict(converted, strict=True)
+    assert not report.unexpected and not report.missing
     for x, y in zip(_outputs(a), _outputs(b)):
         assert torch.equal(x, y)
     assert not torch.equal(_outputs(a)[5], _outputs(_fresh_model(exported["model_config"]))[5])  # weights matter
