@@ -190,12 +190,12 @@ def init_distributed(info: DistInfo, device: str, timeout_s: float = 1800.0, gro
     The first call on a machine JIT-compiles DeepSpeed's shared-memory op (~75 s on
     2 cores); it is cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions).
     """
-    export_env(info)
     torch_device = device_for(info, device)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     if dist.is_initialized() or (info.world_size == 1 and not group_of_one):
-        return torch_device
+        return torch_device  # no group to start: leave the environment as it is
+    export_env(info)
     backend = "nccl" if device == "cuda" else "gloo"
     deepspeed.init_distributed(
         dist_backend=backend,

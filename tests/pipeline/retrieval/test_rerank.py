@@ -34,15 +34,6 @@ def tiny_encoded(n_img: int = 12, per_image: int = 3, seed: int = 0):
     return model, EncodedSplit(image_embeds, image_feat, text_hidden, mask, text_feat)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two busy cores shared with other jobs: one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _itm_fn(model):
     return lambda img, txt, msk: model.itm_logits(txt, msk, img)
 

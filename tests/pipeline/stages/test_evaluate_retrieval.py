@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -21,24 +20,6 @@ from pipeline.stages.evaluate_retrieval import evaluate_retrieval, load_eval_con
 from pipeline_testutils import make_synthetic_splits
 
 FAST = {"num_workers": 0, "device": "cpu"}
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The stages call setup_logging (basicConfig force=True) in-process: put the root logger back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

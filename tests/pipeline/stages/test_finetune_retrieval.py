@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -15,16 +14,6 @@ from pipeline.config import REPO_ROOT, ConfigError, load_config
 from pipeline.stages.finetune_retrieval import RetrievalConfig, RetrievalTask, finetune_retrieval
 
 from pipeline_testutils import make_synthetic_splits
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The stages call setup_logging (basicConfig force=True) in-process: put the root logger back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize(("name", "epochs", "k_test"), [("retrieval_coco", 5, 256), ("retrieval_flickr", 10, 128)])

@@ -128,7 +128,8 @@ def test_console_line_has_the_figures() -> None:
 
 def _toy(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a plain single process, whatever ran in this pytest process before
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "tests" / "pipeline" / "train" / "toy_task.py"), str(run_dir), *args],
         cwd=REPO_ROOT,
