@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ def _pairs(config: TextConfig) -> range:
 def build_nlvr_text_encoder(text: TextConfig) -> TextEncoder:
     """Two-image text encoder (no MLM head) from the PRE-TRAINED text config; paired layers share K/V."""
     encoder = build_text_encoder(nlvr_text_config(text), with_mlm_head=False)
-    layers = encoder.encoder.layer
+    layers = cast(list[BertLayer], list(encoder.encoder.layer))
     for first in _pairs(encoder.config):
         cross0, cross1 = layers[first].crossattention, layers[first + 1].crossattention
         assert cross0 is not None and cross1 is not None
