@@ -30,7 +30,7 @@ from model.convert import ConversionReport
 from model.heads.base import TaskModel
 from model.heads.convert import convert_task_state, is_official_pretrain
 from model.heads.ve import ALBEFClassifier, ClassifierConfig, load_classifier_state, meta_shapes
-from model.text import TextEncoder, build_text_encoder
+from model.text import BertLayer, TextEncoder, build_text_encoder
 from model.vision import VisionEncoder, build_vision_encoder
 
 __all__ = [
@@ -68,7 +68,7 @@ def _pairs(config: TextConfig) -> range:
 def build_nlvr_text_encoder(text: TextConfig) -> TextEncoder:
     """Two-image text encoder (no MLM head) from the PRE-TRAINED text config; paired layers share K/V."""
     encoder = build_text_encoder(nlvr_text_config(text), with_mlm_head=False)
-    layers = cast(list[BertLayer], list(encoder.encoder.layer))
+    layers = [cast(BertLayer, layer) for layer in encoder.encoder.layer]
     for first in _pairs(encoder.config):
         cross0, cross1 = layers[first].crossattention, layers[first + 1].crossattention
         assert cross0 is not None and cross1 is not None
