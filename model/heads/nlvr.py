@@ -241,11 +241,15 @@ class ALBEFTextAssignment(TaskModel):
         self._make_twins(config.backbone.momentum, config.backbone.momentum_dropout, enabled=False)
 
     @torch.no_grad()
-    def assignment_weights(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """[B, B] fp32 softmax of image-image similarity / sim_temp, diagonal zeroed (not renormalised)."""
+    def assignment_similarity(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, B] fp32 cosine similarity of the images' projected [CLS] / sim_temp."""
         feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
-        weights = F.softmax(feat @ feat.t() / self.config.sim_temp, dim=1)
-        return weights.fill_diagonal_(0)
+        return feat @ feat.t() / self.config.sim_temp
+
+    @torch.no_grad()
+    def assignment_weights(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, B] fp32 softmax of `assignment_similarity`, diagonal zeroed (not renormalised)."""
+        return F.softmax(self.assignment_similarity(image_embeds), dim=1).fill_diagonal_(0)
 
     def forward(
         self,

@@ -123,6 +123,18 @@ class AnswerDecoder(nn.Module):
     ) -> torch.Tensor:
         """input_ids / attention_mask [N, L] (None = all tokens), question_states [N, Lq, D], question_mask
         [N, Lq] -> vocabulary logits [N, L, V] (position t predicts token t + 1)."""
+        x = self.hidden_states(input_ids, attention_mask, question_states, question_mask)
+        head = self.cls.predictions
+        return F.linear(head.transform(x), self.embeddings.word_embeddings.weight, head.bias)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        question_states: torch.Tensor,
+        question_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Last hidden state [N, L, D] (the input of the MLM head)."""
         n, length = input_ids.shape
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
         mask = causal[None, None].expand(n, 1, length, length)  # [N, 1, L, L] True = attend
@@ -132,8 +144,7 @@ class AnswerDecoder(nn.Module):
         x = self.embeddings(input_ids)
         for layer in self.encoder.layer:
             x = layer(x, mask, question_states, q_keys)
-        head = self.cls.predictions
-        return F.linear(head.transform(x), self.embeddings.word_embeddings.weight, head.bias)
+        return x
 
 
 @fp32

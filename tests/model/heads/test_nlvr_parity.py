@@ -137,6 +137,7 @@ def test_text_assignment_weights_and_draws(nlvr_ta_fx: TaskFixture) -> None:
     image_embeds = m.visual_encoder(i["image"])
     assert max_diff(image_embeds, o["image_embeds"]) <= ATOL
     assert max_diff(torch.nn.functional.normalize(m.vision_proj(image_embeds[:, 0]), dim=-1), o["image_feat"]) <= ATOL
+    assert max_diff(m.assignment_similarity(image_embeds), o["sim"]) <= ATOL
     weights = m.assignment_weights(image_embeds)
     assert max_diff(weights, o["weights"]) <= ATOL
     torch.manual_seed(f["seed"])  # nothing draws before the pairs: the visual encoder runs in eval mode

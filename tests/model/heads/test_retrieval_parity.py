@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from model.heads.convert import official_task_keys
-from model.losses import itc_loss
+from model.losses import _positives, itc_loss
 from model.retrieval import ALBEFRetrieval, build_retrieval, load_retrieval_state, retrieval_state_dict
 from pipeline.retrieval.metrics import retrieval_metrics
 from pipeline.retrieval.rerank import EncodedSplit, score_matrices
@@ -121,6 +121,8 @@ def test_two_training_forwards_with_queues(retrieval_fx: TaskFixture) -> None:
         twins, sources = m._ema_lists()
         drift = max((t - s).abs().max().item() for t, s in zip(twins, sources))
         assert drift == f["momentum_max_abs_diff_after"], name
+        pos = _positives(len(idx), m.config.queue_size, idx, m.idx_queue, idx.device)
+        assert torch.equal(pos.float() / pos.sum(1, keepdim=True), f["sim_targets"]), name
         torch.manual_seed(f["seed"])
         with torch.no_grad():
             out = m(image, f["input_ids"], f["attention_mask"], idx, i["alpha"])

@@ -73,6 +73,8 @@ def test_training_tensors(vqa_fx: TaskFixture) -> None:
     assert max_diff(m.visual_encoder(i["image"]), o["image_embeds"]) <= ATOL
     states = m.encode_question(i["image"], q_ids, q_mask)
     assert max_diff(states, o["question_states"]) <= ATOL
+    hidden = m.text_decoder.hidden_states(a_ids, a_mask, states[rep], q_mask[rep])
+    assert max_diff(hidden, o["decoder_hidden"]) <= ATOL
     logits = m.text_decoder(a_ids, a_mask, states[rep], q_mask[rep])
     top5 = logits.topk(5, dim=-1)
     assert max_diff(top5.values, o["decoder_logits_top5"]) <= ATOL
