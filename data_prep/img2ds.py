@@ -58,21 +58,34 @@ def rows_fingerprint(rows: list[ImageRow], opts: PrepOptions) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({k: getattr(opts, k) for k in SHARD_DEFINING}, sort_keys=True).encode())
     for row in rows:
-        h.update(json.dumps([row.url, row.captions, row.image_id]).encode())
+        fields: list = [row.url, row.captions, row.image_id]
+        if row.extra is not None:  # absent for caption-only sources: their fingerprints stay as they were
+            fields.append(row.extra)
+        h.update(json.dumps(fields, sort_keys=True).encode())
         h.update(b"\n")
     return h.hexdigest()
 
 
+def extra_columns(rows: list[ImageRow]) -> list[str]:
+    """Names of the rows' per-caption annotation columns (`ImageRow.extra`); every row has the same."""
+    names = sorted(rows[0].extra or {}) if rows else []
+    for row in rows:
+        if sorted(row.extra or {}) != names:
+            raise ValueError(f"rows disagree on their extra columns: {names} vs {sorted(row.extra or {})}")
+    return names
+
+
 def write_input_parquet(rows: list[ImageRow], path: Path, fingerprint: str) -> None:
-    """Write img2dataset's input (url, caption = first caption, captions, image_id) atomically."""
-    table = pa.table(
-        {
-            "url": pa.array([r.url for r in rows], pa.string()),
-            "caption": pa.array([r.captions[0] for r in rows], pa.string()),
-            "captions": pa.array([r.captions for r in rows], pa.list_(pa.string())),
-            "image_id": pa.array([r.image_id for r in rows], pa.string()),
-        }
-    ).replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
+    """Write img2dataset's input (url, caption = first caption, captions, image_id, extra columns) atomically."""
+    columns = {
+        "url": pa.array([r.url for r in rows], pa.string()),
+        "caption": pa.array([r.captions[0] for r in rows], pa.string()),
+        "captions": pa.array([r.captions for r in rows], pa.list_(pa.string())),
+        "image_id": pa.array([r.image_id for r in rows], pa.string()),
+    }
+    for name in extra_columns(rows):
+        columns[name] = pa.array([(r.extra or {})[name] for r in rows])  # e.g. list<string> per image
+    table = pa.table(columns).replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -86,14 +99,17 @@ def read_fingerprint(path: Path) -> str | None:
     return value.decode() if value is not None else None
 
 
-def download_kwargs(opts: PrepOptions, input_parquet: Path, shards_dir: Path) -> dict[str, Any]:
-    """Arguments of `img2dataset.download` for our options (webdataset, incremental, wandb off)."""
+def download_kwargs(
+    opts: PrepOptions, input_parquet: Path, shards_dir: Path, extra: list[str] | None = None
+) -> dict[str, Any]:
+    """Arguments of `img2dataset.download` for our options (webdataset, incremental, wandb off);
+    `extra` names the input's per-caption annotation columns, saved into each sample's json."""
     return {
         "url_list": str(input_parquet),
         "input_format": "parquet",
         "url_col": "url",
         "caption_col": "caption",
-        "save_additional_columns": list(ADDITIONAL_COLUMNS),
+        "save_additional_columns": list(ADDITIONAL_COLUMNS) + list(extra or ()),
         "output_folder": str(shards_dir),
         "output_format": "webdataset",
         "incremental_mode": "incremental",

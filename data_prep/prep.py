@@ -2,7 +2,8 @@
 
 Layout of DIR (img2dataset owns `shards/`; our files stay beside it because its incremental mode
 parses every *.json inside its folder):
-    DIR/img2dataset_input.parquet   rows grouped per image (url, caption, captions, image_id)
+    DIR/img2dataset_input.parquet   rows grouped per image (url, caption, captions, image_id[, the
+                                    source's per-caption columns, e.g. snli_ve's labels])
     DIR/shards/NNNNN.tar|.parquet|_stats.json
     DIR/manifest.json
 Re-running the same command on a partial DIR resumes: finished shards (those with a stats file)
@@ -32,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.errors import PrepError, PrepInputError, PrepOptionsError
-from data_prep.img2ds import download_kwargs, read_fingerprint, rows_fingerprint, run_img2dataset, write_input_parquet
+from data_prep.img2ds import (
+    download_kwargs,
+    extra_columns,
+    read_fingerprint,
+    rows_fingerprint,
+    run_img2dataset,
+    write_input_parquet,
+)
 from data_prep.manifest import MANIFEST_NAME, build_manifest, shard_name, write_json_atomic
 from data_prep.options import PrepOptions, parse_options
 from data_prep.sources import READERS
@@ -93,7 +101,8 @@ def prepare(source: str, input: str | Path | None, output: str | Path | None, **
     expected_shards = math.ceil(len(rows.rows) / opts.samples_per_shard)
     unfinished = [k for k in range(expected_shards) if not (shards_dir / f"{shard_name(k)}_stats.json").is_file()]
     if unfinished:  # img2dataset would skip finished shards itself, but costs ~15 s of start-up
-        code = run_img2dataset(download_kwargs(opts, input_parquet.resolve(), shards_dir.resolve()), opts.max_pixels)
+        kwargs = download_kwargs(opts, input_parquet.resolve(), shards_dir.resolve(), extra_columns(rows.rows))
+        code = run_img2dataset(kwargs, opts.max_pixels)
         if code != 0:
             logger.error("img2dataset exited with code %d", code)
     else:

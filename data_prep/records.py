@@ -51,6 +51,9 @@ class ImageRow:
     url: str
     captions: list[str]
     image_id: str
+    # Per-caption annotations a task needs (e.g. SNLI-VE {"labels": [...]}, one entry per caption):
+    # each key becomes a column of img2dataset's input and a key of every sample's json.
+    extra: dict[str, list] | None = None
 
 
 @dataclass
@@ -118,23 +121,41 @@ class RowCollector:
         self._add_row(url, captions, image_id, where)
 
     def add_named(
-        self, root: ImageRoot, name: object, captions: Iterable[object] | object, image_id: str | None, *, where: str
+        self,
+        root: ImageRoot,
+        name: object,
+        captions: Iterable[object] | object,
+        image_id: str | None,
+        *,
+        where: str,
+        extra: dict[str, list] | None = None,
     ) -> None:
         """Like `add`, for an image given by its name relative to `root` (counted in `input_rows`).
 
-        A name that escapes the root is skipped and counted as `outside_image_root`.
+        A name that escapes the root is skipped and counted as `outside_image_root`. `extra`
+        (per-caption annotations, `ImageRow.extra`) needs captions the caller already checked
+        non-empty, so that no caption is dropped and the lists stay aligned.
         """
         self.input_rows += 1
         url = root.url(_required_str(name, "image name", where))
         if url is None:
             self.skip("outside_image_root", where)
             return
-        self._add_row(url, captions, image_id, where)
+        self._add_row(url, captions, image_id, where, extra)
 
-    def _add_row(self, url: str, captions: Iterable[object] | object, image_id: str | None, where: str) -> None:
+    def _add_row(
+        self,
+        url: str,
+        captions: Iterable[object] | object,
+        image_id: str | None,
+        where: str,
+        extra: dict[str, list] | None = None,
+    ) -> None:
         kept = self._clean_captions(captions, where)
         if not kept:
             return
+        if extra is not None and any(len(v) != len(kept) for v in extra.values()):
+            raise ValueError(f"{where}: per-caption annotations must align with the kept captions")
         seen = self._row_by_url.get(url)
         if seen is not None:
             if self.duplicate_urls == "merge":
@@ -146,7 +167,7 @@ class RowCollector:
         if image_id in self._ids:
             self.skip("duplicate_image_id", where)
             return
-        row = ImageRow(url=url, captions=kept, image_id=image_id)
+        row = ImageRow(url=url, captions=kept, image_id=image_id, extra=extra)
         self._row_by_url[url] = row
         self._ids.add(image_id)
         self.rows.append(row)
