@@ -27,6 +27,14 @@ class Finetune:
             config=config, checkpoint=checkpoint, output_dir=output_dir, resume=resume, overrides=overrides
         )
 
+    def ve(self, config: str, checkpoint: str, output_dir: str, resume: str = "auto", **overrides: Any) -> int:
+        """Fine-tune for SNLI-VE (visual entailment) from a pretraining (ours or official) checkpoint."""
+        from pipeline.stages.finetune_ve import finetune_ve
+
+        return finetune_ve(
+            config=config, checkpoint=checkpoint, output_dir=output_dir, resume=resume, overrides=overrides
+        )
+
 
 class Evaluate:
     """Evaluation stages."""
@@ -40,6 +48,12 @@ class Evaluate:
         return evaluate_retrieval(
             checkpoint=checkpoint, data=data, output_dir=output_dir, k_test=k_test, overrides=overrides
         )
+
+    def ve(self, checkpoint: str, data: str, output_dir: str, **overrides: Any) -> dict:
+        """SNLI-VE accuracy (per class too) of a VE checkpoint on an `albef prep snli_ve` split."""
+        from pipeline.stages.evaluate_ve import evaluate_ve
+
+        return evaluate_ve(checkpoint=checkpoint, data=data, output_dir=output_dir, overrides=overrides)
 
 
 class Slurm:

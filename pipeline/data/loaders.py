@@ -251,7 +251,8 @@ def build_train_loader(
     then calls pipeline.data.transforms.normalize_images on the device), input_ids / attention_mask int64 [B,L]
     (L <= max_len; MLM masking is the trainer's), image_idx int64 [B] (stable hash of source and
     image_id, for fine-tuning's idx queue), source int64 [B] (manifest index), image_id / key /
-    caption lists, bad_samples dict[str, int] (increment), step int (global step; -1 in finite mode).
+    caption lists, bad_samples dict[str, int] (increment), step int (global step; -1 in finite mode),
+    label list (only when the samples' json has per-caption `labels`: the drawn caption's label).
     `num_steps` None = endless. `finetune` selects the (0.5, 1) crop scale.
     """
     cfg = StreamConfig(
@@ -296,7 +297,7 @@ def build_eval_loader(
 
     Batch fields: image float32 [B,3,R,R] (uint8 with normalize=False), captions list[list[str]]
     (all cleaned captions of each image, stored order), image_id / key lists, image_idx / source
-    int64 [B], bad_samples dict.
+    int64 [B], bad_samples dict, labels list[list] (only with per-caption `labels` in the json).
     Texts are tokenised by the caller (see `caption_index`) as retrieval needs them all at once.
     """
     cfg = StreamConfig(

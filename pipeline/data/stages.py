@@ -106,8 +106,9 @@ def _collect_into(errors: list[Exception]) -> Callable[[Exception], bool]:
     return handler
 
 
-def _captions(sample: dict) -> tuple[list[str], str]:
-    """Raw captions (json["captions"], else the txt file) and image_id (json, else the key)."""
+def _captions(sample: dict) -> tuple[list[str], str, list | None]:
+    """Raw captions (json["captions"], else the txt file), image_id (json, else the key) and the
+    per-caption labels (json["labels"], e.g. SNLI-VE's classes; None when the json has none)."""
     meta = json.loads(sample["json"]) if "json" in sample else {}
     if not isinstance(meta, dict):
         raise ValueError("json is not an object")
@@ -116,19 +117,30 @@ def _captions(sample: dict) -> tuple[list[str], str]:
         caps = [caps]
     if not caps and "txt" in sample:
         caps = [sample["txt"].decode("utf-8")]
+    labels = meta.get("labels")
+    if labels is not None:
+        # Labels index the stored captions one to one: a non-string caption would shift them.
+        if not isinstance(labels, list) or not all(isinstance(c, str) for c in caps or []):
+            raise ValueError("labels must be a list aligned with a list of string captions")
+        if len(labels) != len(caps or []):
+            raise ValueError(f"{len(labels)} labels for {len(caps or [])} captions")
     caps = [c for c in (caps or []) if isinstance(c, str)]
-    return caps, str(meta.get("image_id", sample["__key__"]))
+    return caps, str(meta.get("image_id", sample["__key__"])), labels
 
 
-def _parse(sample: dict, counter: SkipCounter, max_words: int) -> tuple[bytes, list[str], str] | None:
-    """Image bytes, cleaned captions, image_id; None (counted) when a part is missing or bad."""
+Parsed = tuple[bytes, list[str], str, list | None]
+
+
+def _parse(sample: dict, counter: SkipCounter, max_words: int) -> Parsed | None:
+    """Image bytes, cleaned captions, image_id, per-caption labels (or None); None (counted) when a
+    part is missing or bad. A caption cleaned to "" stays in place (labels keep their index)."""
     where = f"{sample.get('__url__')}:{sample.get('__key__')}"
     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if image is None:
         counter.add("missing_image", where)
         return None
     try:
-        raw, image_id = _captions(sample)
+        raw, image_id, labels = _captions(sample)
     except (ValueError, UnicodeDecodeError) as exn:
         counter.add("bad_json", f"{where}: {exn}")
         return None
@@ -136,7 +148,7 @@ def _parse(sample: dict, counter: SkipCounter, max_words: int) -> tuple[bytes, l
     if not any(caps):
         counter.add("missing_caption", where)
         return None
-    return image, caps, image_id
+    return image, caps, image_id, labels
 
 
 def _decode_image(data: bytes, transform: Callable, rng: random.Random | None, counter: SkipCounter, where: str):
@@ -153,40 +165,48 @@ def _decode_image(data: bytes, transform: Callable, rng: random.Random | None, c
 def decode_train(
     samples: Iterable[dict], transform: Callable, rng: random.Random, counter: SkipCounter, max_words: int
 ):
-    """Raw -> {image [3,R,R], caption (one cleaned caption drawn with rng), ids}. Bad ones counted."""
+    """Raw -> {image [3,R,R], caption (one cleaned caption drawn with rng), ids[, label of that
+    caption when the json has labels]}. Bad ones counted."""
     for sample in samples:
         parsed = _parse(sample, counter, max_words)
         if parsed is None:
             continue
-        data, caps, image_id = parsed
-        caption = rng.choice([c for c in caps if c])
+        data, caps, image_id, labels = parsed
+        index = rng.choice([i for i, c in enumerate(caps) if c])  # the same draw as choosing the caption
         image = _decode_image(data, transform, rng, counter, f"{sample['__url__']}:{sample['__key__']}")
         if image is not None:
-            yield {
+            out = {
                 "image": image,
-                "caption": caption,
+                "caption": caps[index],
                 "image_id": image_id,
                 "key": sample["__key__"],
                 "source": sample["__source__"],
             }
+            if labels is not None:
+                out["label"] = labels[index]
+            yield out
 
 
 def decode_eval(samples: Iterable[dict], transform: Callable, counter: SkipCounter, max_words: int):
-    """Raw -> {image, captions (ALL cleaned captions, stored order), ids}. Bad ones counted."""
+    """Raw -> {image, captions (ALL cleaned captions, stored order; "" where cleaning left nothing),
+    ids[, labels aligned with the captions when the json has them]}. Bad ones counted."""
     for sample in samples:
         parsed = _parse(sample, counter, max_words)
         if parsed is None:
             continue
-        data, caps, image_id = parsed
+        data, caps, image_id, labels = parsed
         image = _decode_image(data, transform, None, counter, f"{sample['__url__']}:{sample['__key__']}")
         if image is not None:
-            yield {
+            out = {
                 "image": image,
                 "captions": caps,
                 "image_id": image_id,
                 "key": sample["__key__"],
                 "source": sample["__source__"],
             }
+            if labels is not None:
+                out["labels"] = labels
+            yield out
 
 
 def batch_samples(samples: Iterable[dict], batch_size: int, collate: Callable[[list[dict]], dict], partial: bool):
@@ -238,6 +258,8 @@ def collate_train(
     captions = [s["caption"] for s in samples]
     out["input_ids"], out["attention_mask"] = tokenize(tokenizer, captions, max_len, padding)
     out["caption"] = captions
+    if all("label" in s for s in samples):
+        out["label"] = [s["label"] for s in samples]  # raw labels of the drawn captions (the task maps them)
     return out
 
 
@@ -245,4 +267,6 @@ def collate_eval(samples: list[dict], counter: SkipCounter, normalize: bool = Tr
     """Eval batch: image [B,3,R,R], captions: list (per image) of lists of cleaned captions, ids."""
     out = _common(samples, counter, normalize)
     out["captions"] = [s["captions"] for s in samples]
+    if all("labels" in s for s in samples):
+        out["labels"] = [s["labels"] for s in samples]
     return out

@@ -5,6 +5,10 @@ step, before the forward, as the official code) and whose ITC queues receive the
 momentum features of every micro-batch (the trainer does it from `StepOutput.queue_update`).
 They differ only in the model they build, the batch -> model inputs, and what an epoch counts;
 a stage subclasses `AlbefTask` with those three and nothing else.
+
+The downstream-task models (model/heads: SNLI-VE, NLVR2, VQA) follow the same contract without
+queues: a `momentum_update()` (their distillation teacher) and an output with `losses()`,
+`metrics()` and `loss`, but no `queue_update()`; such a task returns None from `queue_size`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 
 from model.albef import ALBEFBase
 from model.config import ALBEFConfig
+from model.heads.base import TaskModel
 from pipeline.config import build_model_config
 from pipeline.data import build_train_loader, load_sources
 from pipeline.data.text import build_tokenizer
@@ -75,7 +80,7 @@ class AlbefTask(TrainTask):
         )
 
     def begin_step(self, model: nn.Module, ctx: StepContext) -> None:
-        assert isinstance(model, ALBEFBase), type(model)
+        assert isinstance(model, (ALBEFBase, TaskModel)), type(model)
         model.momentum_update()  # once per optimizer step, before the forward (official order)
 
     def forward(self, engine: Any, batch: dict, ctx: StepContext) -> StepOutput:
@@ -87,8 +92,9 @@ class AlbefTask(TrainTask):
             f"loss_{name.removesuffix('_loss')}": value for name, value in out.losses().items()
         }
         scalars.update(out.metrics())
+        queue_update = out.queue_update() if hasattr(out, "queue_update") else None  # task models have no queue
         return StepOutput(
-            loss=out.loss, scalars=scalars, num_samples=int(inputs["image"].shape[0]), queue_update=out.queue_update()
+            loss=out.loss, scalars=scalars, num_samples=int(inputs["image"].shape[0]), queue_update=queue_update
         )
 
     def export_extra(self) -> dict[str, Any]:
