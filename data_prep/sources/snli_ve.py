@@ -13,7 +13,9 @@ Output: one sample per image (so ~30K downloads for the 530K train pairs), whose
 `captions` = its hypotheses (raw; the loader cleans them as captions) and `labels` = their gold
 labels as strings, aligned index by index. Records are skipped and counted when the label is not one
 of the three (`bad_label`, e.g. SNLI's "-" for no consensus) or the hypothesis is empty
-(`empty_caption`); a repeated (image, hypothesis, label) is kept (the official set has a few).
+(`empty_caption`); a repeated (image, hypothesis, label) is kept (the official set has a few). An
+image id whose file name escapes --image_root skips that image once (`outside_image_root`), with all
+its hypotheses; `input_rows` counts records (image-hypothesis pairs), not images.
 """
 
 from __future__ import annotations
