@@ -36,10 +36,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import deepspeed
@@ -272,13 +276,14 @@ class Trainer:
 
     def _loop(self, tb: TBLogger) -> int:
         accum = self.train_cfg.grad_accum_steps
-        batches = iter(
+        batches = InterruptibleBatches(
             self.task.train_batches(
                 start_micro_step=self.state.step * accum,
                 segment_steps=self.geometry.segment_steps,
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
-            )
+            ),
+            self.preemption.signals,
         )
         window = _Window()
         window.reset(self.state.samples_seen)
@@ -286,7 +291,17 @@ class Trainer:
         self.engine.train()
         consecutive_skips = 0
         while self.state.step < self.total_steps:
-            nonfinite, samples, bad = self.train_step(batches, window)
+            try:
+                nonfinite, samples, bad = self.train_step(batches, window)
+            except DataWaitInterrupted as err:
+                logger.warning(
+                    "%s while waiting for the loader (skipping bad samples?): exiting %d without a new "
+                    "checkpoint; the last one is %s",
+                    err,
+                    PREEMPTED_EXIT_CODE,
+                    checkpoint.read_latest(self.ckpt_dir) or "none",
+                )
+                return PREEMPTED_EXIT_CODE
             consecutive_skips = 0 if self._step_applied() else consecutive_skips + 1
             stop, nonfinite, samples, bad = self._agree(self.preemption.requested, nonfinite, samples, bad)
             self.state.step += 1
@@ -502,6 +517,47 @@ class _Window:
         out["perf/data_wait_s"] = wait / max(self.steps, 1)
         out["perf/data_wait_frac"] = min(1.0, wait / elapsed)
         return out
+
+
+class DataWaitInterrupted(Exception):
+    """A stop signal arrived while the trainer was blocked waiting for the loader's next batch."""
+
+
+class InterruptibleBatches:
+    """An iterator over `batches` whose `next()` a stop signal interrupts.
+
+    The preemption handler only raises a flag that the loop reads between steps; a loader that
+    keeps skipping bad samples never returns to the loop, so while waiting for a batch the stop
+    signals also raise DataWaitInterrupted (after the handler in place ran). Only the main
+    thread can set signal handlers; elsewhere `next()` is a plain one.
+    """
+
+    def __init__(self, batches: Any, signals: tuple[signal.Signals, ...]) -> None:
+        self._it: Iterator[Any] = iter(batches)
+        self._signals = signals
+
+    def __iter__(self) -> InterruptibleBatches:
+        return self
+
+    def __next__(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return next(self._it)
+        # getsignal is None for a handler not set from Python: leave such a signal alone.
+        previous = {sig: h for sig in self._signals if (h := signal.getsignal(sig)) is not None}
+
+        def interrupt(signum: int, frame: FrameType | None) -> None:
+            handler = previous[signal.Signals(signum)]
+            if callable(handler):
+                handler(signum, frame)
+            raise DataWaitInterrupted(f"received {signal.Signals(signum).name}")
+
+        for sig in previous:
+            signal.signal(sig, interrupt)
+        try:
+            return next(self._it)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
