@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import fire
 
 if TYPE_CHECKING:
-    from pipeline.weights.export import Layout
+    from pipeline.weights.export import Format, Layout
 
 
 class Finetune:
@@ -99,11 +99,11 @@ class CLI:
 
         return pretrain(config=config, output_dir=output_dir, resume=resume, overrides=overrides)
 
-    def export(self, checkpoint: str, output: str, layout: Layout = "ours") -> str:
-        """Write one consolidated {'model': state_dict} file (our layout or the official one)."""
-        from pipeline.weights.export import export
+    def export(self, checkpoint: str, output: str, layout: Layout = "ours", format: Format | None = None) -> int:
+        """Consolidated weights (.safetensors by default; .pth for --layout official) + NAME.json + NAME.md card."""
+        from pipeline.weights.export import export_command
 
-        return export(checkpoint=checkpoint, output=output, layout=layout)
+        return export_command(checkpoint=checkpoint, output=output, layout=layout, format=format)
 
     def demo(self, workdir: str = "albef_demo", steps: int | None = None, finetune_steps: int | None = None) -> int:
         """The whole pipeline on a laptop CPU: synthetic data -> img2dataset -> pretrain -> finetune -> eval."""

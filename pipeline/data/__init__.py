@@ -10,7 +10,7 @@ from pipeline.data.loaders import (
     caption_index,
 )
 from pipeline.data.manifest import Shard, Source, check_prep_folders, load_sources, read_manifest
-from pipeline.data.stages import SkipCounter
+from pipeline.data.stages import SkipCounter, TooManyBadSamples
 
 __all__ = [
     "CaptionIndex",
@@ -19,6 +19,7 @@ __all__ = [
     "SkipCounter",
     "Source",
     "StreamConfig",
+    "TooManyBadSamples",
     "TrainStream",
     "build_eval_loader",
     "build_train_loader",

@@ -20,12 +20,19 @@ shuffle buffer (raw bytes, cheap to refill). Every batch carries its global "ste
 can assert alignment.
 
 Skipped samples: every stream owns a `SkipCounter`. Reasons: bad_shard (a tar that raised a read
-error or held fewer samples than its manifest lists; counted once per shard read) + lost_samples
-(how many it was short), bad_image (does not decode), missing_image, missing_caption (no caption
-left after pre_caption), bad_json. Each batch carries `bad_samples`, the counts met while it was
-assembled (an increment, {} when clean): the trainer sums them (and all-reduces them for logging).
-Batches dropped while fast-forwarding drop their counts too, matching what the uninterrupted run
-had already reported before the checkpoint.
+error or held fewer samples than its manifest lists) + lost_samples (how many it was short), both
+counted once per visit of the shard, i.e. once per stream (a finite epoch's partition, or one
+segment of one resampled slot, which may draw the same shard many times); bad_image (does not
+decode), too_many_pixels, missing_image, missing_caption (no caption left after pre_caption),
+bad_json. Each batch carries `bad_samples`, the counts met while it was assembled (an increment,
+{} when clean): the trainer sums them (and all-reduces them for logging). Batches dropped while
+fast-forwarding drop their counts too, matching what the uninterrupted run had already reported
+before the checkpoint. A training stream that skips more than `max_consecutive_bad` samples in a
+row (all shards corrupt, say) raises `TooManyBadSamples` naming the shards instead of searching
+forever.
+
+Workers: each DataLoader worker asks Linux to kill it when its parent dies (PR_SET_PDEATHSIG), so
+a SIGKILLed trainer leaves no worker spinning on its own.
 
 Finite mode (`resampled=False`, and the eval loader): shards are ordered (shuffled with
 (seed, epoch) for training, manifest order for eval) identically on every rank, and global slot
@@ -37,8 +44,12 @@ supported (start at step 0 of an epoch).
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import random
+import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -53,6 +64,10 @@ from pipeline.data import stages
 from pipeline.data.manifest import Source, load_sources, shard_distribution
 from pipeline.data.transforms import EvalTransform, build_train_transform, limit_threads
 from pipeline.runtime.seeds import derive_seed
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _worker() -> tuple[int, int]:
@@ -75,10 +90,12 @@ class StreamConfig:
     max_words: int = 30
     shuffle_buffer: int = 1000  # raw samples held per worker for shuffling (0 = no shuffle)
     normalize: bool = True  # float32 CLIP-normalised images; False = uint8, normalise on the device
+    max_consecutive_bad: int | None = None  # skips in a row before a stream fails; None = no limit
 
     def __post_init__(self) -> None:
         assert self.batch_size > 0, self.batch_size
         assert 0 <= self.rank < self.world_size, (self.rank, self.world_size)
+        assert self.max_consecutive_bad is None or self.max_consecutive_bad >= 1, self.max_consecutive_bad
 
 
 class TrainStream(IterableDataset):
@@ -123,7 +140,7 @@ class TrainStream(IterableDataset):
         base = derive_seed(self.seed, segment, cfg.rank, slot)
         shard_rng, shuffle_rng, aug_rng = (random.Random(derive_seed(base, k)) for k in range(3))
         shards, probs = shard_distribution(cfg.sources)
-        counter = stages.SkipCounter()
+        counter = stages.SkipCounter(cfg.max_consecutive_bad)
         pipeline = wds.DataPipeline(
             lambda: stages.resampled_shards(shards, probs, shard_rng),  # endless weighted shard draws
             partial(stages.expand_shards, counter=counter),  # raw samples, tar errors counted
@@ -159,7 +176,7 @@ class TrainStream(IterableDataset):
         mine = stages.partitioned_shards(shards, cfg.rank * num_workers + w, cfg.world_size * num_workers, order_rng)
         base = derive_seed(self.seed, self.epoch, cfg.rank, w)
         shuffle_rng, aug_rng = random.Random(derive_seed(base, 1)), random.Random(derive_seed(base, 2))
-        counter = stages.SkipCounter()
+        counter = stages.SkipCounter(cfg.max_consecutive_bad)
         pipeline = wds.DataPipeline(
             lambda: iter(mine),  # this slot's shards (a bare list would be flattened into stages)
             partial(stages.expand_shards, counter=counter),
@@ -205,6 +222,23 @@ def _shuffle_stage(bufsize: int, rng: random.Random) -> list:
     return [wds.shuffle(bufsize, initial=bufsize, rng=rng)] if bufsize > 1 else []
 
 
+def die_with_parent(worker_id: int, parent_pid: int) -> None:
+    """DataLoader `worker_init_fn`: the kernel SIGKILLs this worker when its parent dies (Linux).
+
+    Without it a worker whose trainer was SIGKILLed (OOM killer, scancel --signal=KILL) keeps
+    running, e.g. spinning over corrupt shards at full CPU, until someone kills it by hand. The
+    parent is the thread that started the workers: the trainer's main thread, which lives as long
+    as the process.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        logger.warning("loader worker %d: prctl(PR_SET_PDEATHSIG) failed (errno %d)", worker_id, ctypes.get_errno())
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _data_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None, seed: int = 0) -> DataLoader:
     # An own generator: DataLoader draws its workers' base seed from it instead of consuming the
     # trainer's global torch RNG each time a loader is iterated.
@@ -217,6 +251,7 @@ def _data_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | 
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         generator=generator,  # default prefetch (2 batches per worker): batches are large
+        worker_init_fn=partial(die_with_parent, parent_pid=os.getpid()) if num_workers > 0 else None,
     )
 
 
@@ -244,6 +279,7 @@ def build_train_loader(
     pin_memory: bool | None = None,
     draft: bool = True,
     normalize: bool = True,
+    max_consecutive_bad: int | None = 1000,
 ) -> DataLoader:
     """Per-rank training batches for global steps start_step, start_step+1, ... (see module doc).
 
@@ -253,7 +289,8 @@ def build_train_loader(
     image_id, for fine-tuning's idx queue), source int64 [B] (manifest index), image_id / key /
     caption lists, bad_samples dict[str, int] (increment), step int (global step; -1 in finite mode),
     label list (only when the samples' json has per-caption `labels`: the drawn caption's label).
-    `num_steps` None = endless. `finetune` selects the (0.5, 1) crop scale.
+    `num_steps` None = endless. `finetune` selects the (0.5, 1) crop scale. A worker that skips more
+    than `max_consecutive_bad` samples in a row raises TooManyBadSamples (None = never).
     """
     cfg = StreamConfig(
         tuple(load_sources(manifests, weights)),
@@ -264,6 +301,7 @@ def build_train_loader(
         max_words,
         shuffle_buffer,
         normalize,
+        max_consecutive_bad,
     )
     dataset = TrainStream(
         cfg,

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _LOG_FIRST = 5  # per reason and worker, then one line every _LOG_EVERY
 _LOG_EVERY = 1000
+_SHARDS_NAMED = 5  # shards listed in a TooManyBadSamples message
 
 
 def stable_id(source: int, image_id: str) -> int:
@@ -36,23 +37,80 @@ def stable_id(source: int, image_id: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+class TooManyBadSamples(RuntimeError):
+    """A loader worker skipped more samples in a row than `data.max_consecutive_bad_samples`."""
+
+    @staticmethod
+    def one_line(err: BaseException) -> str:
+        """The message without the worker traceback the DataLoader wraps around it."""
+        text = str(err).strip()
+        last = text.splitlines()[-1] if text else type(err).__name__
+        return last.split(f"{TooManyBadSamples.__name__}: ", 1)[-1]
+
+
 class SkipCounter:
-    """Counts skipped samples by reason inside one worker; batches carry the increments.
+    """Counts skipped samples by reason inside one stream (one worker); batches carry the increments.
 
     `take()` returns the counts since the last call and resets them, so each batch reports the
     bad samples met while it was assembled and the trainer's sum over batches is the total.
+
+    With `max_consecutive`, the stream fails (TooManyBadSamples, naming the shards) once that many
+    skips happened in a row without a kept sample: a stream whose every sample is bad would
+    otherwise search forever and never finish a batch. A failed shard read counts as one skip there
+    (not its lost samples: one truncated 10k-sample shard among good ones is no reason to stop).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_consecutive: int | None = None, key: str = "data.max_consecutive_bad_samples") -> None:
+        assert max_consecutive is None or max_consecutive >= 1, max_consecutive
         self.counts: Counter[str] = Counter()
         self.totals: Counter[str] = Counter()
+        self.max_consecutive, self.key = max_consecutive, key
+        self.consecutive = 0
+        self.recent: Counter[str] = Counter()  # reasons of the current run of skips
+        self.recent_shards: dict[str, None] = {}  # shards of the current run of skips (ordered set)
+        self.failed_shards: set[str] = set()  # shards whose failed read was already counted
 
-    def add(self, reason: str, detail: str = "", n: int = 1, log: bool = True) -> None:
+    def add(self, reason: str, detail: str = "", n: int = 1, log: bool = True, shard: str | None = None) -> None:
         self.counts[reason] += n
         self.totals[reason] += n
         seen = self.totals[reason]
         if log and (seen <= _LOG_FIRST or seen % _LOG_EVERY == 0):
             logger.warning("skipped (%s, %d so far in this worker): %s", reason, seen, detail[:300])
+        self.skipped(reason, shard)
+
+    def skipped(self, reason: str, shard: str | None) -> None:
+        """One more skip in the current run (counted or not); raises past `max_consecutive`."""
+        self.consecutive += 1
+        self.recent[reason] += 1
+        if shard is not None and len(self.recent_shards) < _SHARDS_NAMED:
+            self.recent_shards[shard] = None
+        if self.max_consecutive is not None and self.consecutive > self.max_consecutive:
+            reasons = ", ".join(f"{r} {n}" for r, n in self.recent.most_common())
+            raise TooManyBadSamples(
+                f"{self.key}: {self.consecutive} samples in a row were skipped in one loader worker ({reasons}; "
+                f"limit {self.max_consecutive}); shards: {', '.join(self.recent_shards) or 'unknown'}. "
+                f"Check or re-prep these shards, or raise {self.key}"
+            )
+
+    def kept(self) -> None:
+        """A sample made it through: the run of skips is over."""
+        if self.consecutive:
+            self.consecutive = 0
+            self.recent.clear()
+            self.recent_shards.clear()
+
+    def shard_failed(self, url: str, read: int, listed: int, why: str) -> None:
+        """A shard read that raised or came up short. Counted once per stream (`bad_shard` + its
+        `lost_samples`): a resampled stream draws the same truncated shard again and again, and
+        each re-read would add the same lost samples once more."""
+        if url in self.failed_shards:
+            self.skipped("bad_shard", url)
+            return
+        self.failed_shards.add(url)
+        if read < listed:
+            self.counts["lost_samples"] += listed - read
+            self.totals["lost_samples"] += listed - read
+        self.add("bad_shard", f"{url}: read {read} of {listed} samples ({why})", shard=url)
 
     def take(self) -> dict[str, int]:
         out = dict(self.counts)
@@ -81,8 +139,9 @@ def expand_shards(shards: Iterable[Shard], counter: SkipCounter) -> Iterator[dic
     """Shards -> raw samples {__key__, __url__, __source__, jpg, json, ...} (bytes, undecoded).
 
     A shard that raises a read error (truncated/corrupt/unreadable tar) or ends with fewer
-    samples than its manifest lists (tarfile does not always raise on a cut tar) counts once as
-    `bad_shard`, and the missing samples as `lost_samples`; reading goes on with the next shard.
+    samples than its manifest lists (tarfile does not always raise on a cut tar) counts once per
+    stream as `bad_shard`, and the missing samples as `lost_samples` (see SkipCounter.shard_failed);
+    reading goes on with the next shard.
     """
     for shard in shards:
         errors: list[Exception] = []
@@ -92,10 +151,7 @@ def expand_shards(shards: Iterable[Shard], counter: SkipCounter) -> Iterator[dic
             n += 1
             yield sample
         if errors or n < shard.samples:
-            why = repr(errors[0]) if errors else "no read error"
-            counter.add("bad_shard", f"{shard.url}: read {n} of {shard.samples} samples ({why})")
-            if n < shard.samples:
-                counter.add("lost_samples", n=shard.samples - n, log=False)
+            counter.shard_failed(shard.url, n, shard.samples, repr(errors[0]) if errors else "no read error")
 
 
 def _collect_into(errors: list[Exception]) -> Callable[[Exception], bool]:
@@ -134,32 +190,36 @@ Parsed = tuple[bytes, list[str], str, list | None]
 def _parse(sample: dict, counter: SkipCounter, max_words: int) -> Parsed | None:
     """Image bytes, cleaned captions, image_id, per-caption labels (or None); None (counted) when a
     part is missing or bad. A caption cleaned to "" stays in place (labels keep their index)."""
-    where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+    shard = sample.get("__url__")
+    where = f"{shard}:{sample.get('__key__')}"
     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if image is None:
-        counter.add("missing_image", where)
+        counter.add("missing_image", where, shard=shard)
         return None
     try:
         raw, image_id, labels = _captions(sample)
     except (ValueError, UnicodeDecodeError) as exn:
-        counter.add("bad_json", f"{where}: {exn}")
+        counter.add("bad_json", f"{where}: {exn}", shard=shard)
         return None
     caps = [pre_caption(c, max_words) for c in raw]
     if not any(caps):
-        counter.add("missing_caption", where)
+        counter.add("missing_caption", where, shard=shard)
         return None
     return image, caps, image_id, labels
 
 
-def _decode_image(data: bytes, transform: Callable, rng: random.Random | None, counter: SkipCounter, where: str):
+def _decode_image(data: bytes, transform: Callable, rng: random.Random | None, counter: SkipCounter, sample: dict):
+    shard = sample["__url__"]
     try:
-        return transform(open_image(data), rng)
+        image = transform(open_image(data), rng)
     except TooManyPixels as exn:
-        counter.add("too_many_pixels", f"{where}: {exn}")
+        counter.add("too_many_pixels", f"{shard}:{sample['__key__']}: {exn}", shard=shard)
         return None
     except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        counter.add("bad_image", f"{where}: {exn!r}")
+        counter.add("bad_image", f"{shard}:{sample['__key__']}: {exn!r}", shard=shard)
         return None
+    counter.kept()
+    return image
 
 
 def decode_train(
@@ -173,7 +233,7 @@ def decode_train(
             continue
         data, caps, image_id, labels = parsed
         index = rng.choice([i for i, c in enumerate(caps) if c])  # the same draw as choosing the caption
-        image = _decode_image(data, transform, rng, counter, f"{sample['__url__']}:{sample['__key__']}")
+        image = _decode_image(data, transform, rng, counter, sample)
         if image is not None:
             out = {
                 "image": image,
@@ -195,7 +255,7 @@ def decode_eval(samples: Iterable[dict], transform: Callable, counter: SkipCount
         if parsed is None:
             continue
         data, caps, image_id, labels = parsed
-        image = _decode_image(data, transform, None, counter, f"{sample['__url__']}:{sample['__key__']}")
+        image = _decode_image(data, transform, None, counter, sample)
         if image is not None:
             out = {
                 "image": image,

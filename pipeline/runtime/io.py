@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.runtime import checkpoint
 
@@ -71,6 +72,13 @@ def torch_save_atomic(path: str | Path, obj: Any) -> Path:
     return write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def safetensors_save_atomic(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """A `.safetensors` file of contiguous CPU tensors, each its own copy: safetensors refuses
+    tensors that share storage (tied weights, views of one flat buffer)."""
+    owned = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    return write_atomic(path, lambda tmp: save_file(owned, str(tmp), metadata=metadata))
+
+
 # --------------------------------------------------------------------------------------------------
 # Weights-only reads
 # --------------------------------------------------------------------------------------------------
@@ -93,8 +101,16 @@ def torch_load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - every refusal and corruption is reported the same way
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointReadError(f"{path}: cannot read as a weights-only torch file ({first})") from None
+        raise CheckpointReadError(f"{path}: cannot read as a weights-only torch file ({_why(err)})") from None
+
+
+def _why(err: Exception) -> str:
+    """One line from torch's multi-paragraph weights-only refusal: the unpickler's own reason
+    (e.g. "Unsupported global: GLOBAL io.open was not an allowed global by default")."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch puts ANSI bold in this message
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
+    reason = found.group(1) if found else (text.strip().splitlines() or [type(err).__name__])[0]
+    return " ".join(reason.split())[:300]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -103,7 +119,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # noqa: BLE001 - SafetensorError and OSError alike: not a readable file
+            raise CheckpointReadError(f"{path}: cannot read as safetensors ({err})") from None
     raw = torch_load_weights_only(path)
     sd = raw.get("model", raw) if isinstance(raw, dict) else None
     if not isinstance(sd, dict):
@@ -120,6 +139,9 @@ class LoadedCheckpoint:
     step: int | None  # optimizer step when known
     kind: str  # "deepspeed" | "file"
     source: str  # the file or tag folder read
+    # What else it says about itself: an export's `meta` (layout, source, card facts) or a DeepSpeed
+    # tag's client state (run, data, config, task...).
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
@@ -128,33 +150,41 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     if p.is_dir():
         state, client = read_deepspeed_state(p)
         run = client.get("run") or {}
-        return LoadedCheckpoint(state, client.get("model_config"), run.get("step"), "deepspeed", client["source"])
+        step = run.get("step")
+        return LoadedCheckpoint(state, client.get("model_config"), step, "deepspeed", client["source"], client)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p} (expected a run folder, a tag folder or a file)")
     if p.suffix == ".safetensors":
-        return LoadedCheckpoint(read_state_dict(p), _sidecar_config(p), None, "file", str(p))
+        config, meta = _sidecar(p)
+        return LoadedCheckpoint(read_state_dict(p), config, _int_or_none(meta.get("step")), "file", str(p), meta)
     raw = torch_load_weights_only(p)
     sd = raw.get("model", raw) if isinstance(raw, dict) else None
     if not isinstance(sd, dict):
         raise CheckpointReadError(f"{p}: expected a state dict or {{'model': state_dict}}")
     meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
-    step = meta.get("step") if isinstance(meta.get("step"), int) else None
     config = raw.get("model_config") if isinstance(raw.get("model_config"), dict) else None
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    return LoadedCheckpoint(tensors, config, step, "file", str(p))
+    return LoadedCheckpoint(tensors, config, _int_or_none(meta.get("step")), "file", str(p), meta)
 
 
-def _sidecar_config(path: Path) -> dict[str, Any] | None:
-    """`<name>.json` beside an exported `.safetensors` (written by `albef export`), if any."""
-    meta = path.with_suffix(".json")
-    if not meta.is_file():
-        return None
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _sidecar(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(model_config, meta) from `<name>.json` beside an exported `.safetensors` (written by
+    `albef export`); (None, {}) when there is none."""
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return None, {}
     try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
+        data = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise CheckpointReadError(f"{meta}: unreadable model config beside {path.name} ({err})") from None
-    config = data.get("model_config") if isinstance(data, dict) else None
-    return config if isinstance(config, dict) else None
+        raise CheckpointReadError(f"{side}: unreadable model config beside {path.name} ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointReadError(f"{side}: expected a JSON object beside {path.name}")
+    config, meta = data.get("model_config"), data.get("meta")
+    return (config if isinstance(config, dict) else None), (meta if isinstance(meta, dict) else {})
 
 
 def read_deepspeed_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -181,6 +211,10 @@ def read_deepspeed_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
                 )
             module[key] = master[key].detach().float()
         logger.info("replaced %d half-precision parameters by their fp32 master weights", len(half))
-    client = {k: v for k, v in states.items() if k in ("run", "data", "config", "model_config", "task", "world_size")}
+    client = {
+        k: v
+        for k, v in states.items()
+        if k in ("run", "data", "config", "model_config", "task", "world_size", "initial_checkpoint")
+    }
     client["source"] = str(ckpt_dir / tag)
     return module, client

@@ -40,6 +40,7 @@ from pipeline.runtime.ds_config import resolve_device
 from pipeline.runtime.exit_codes import CONFIG_ERROR_EXIT_CODE
 from pipeline.runtime.io import torch_save_atomic, write_json_atomic
 from pipeline.runtime.logs import setup_logging
+from pipeline.stages.checks import check_retrieval_weights
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def evaluate_retrieval(
         except (OSError, ValueError) as err:
             raise ConfigError("data", str(err)) from None
         loaded, model_cfg = read_eval_checkpoint(checkpoint, cfg)
+        check_retrieval_weights(loaded, model_cfg)
     except ConfigError as err:
         logger.error("%s", err)
         raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None

@@ -44,6 +44,7 @@ from pipeline.data import check_prep_folders
 from pipeline.retrieval.evaluate import EvalConfig, evaluate_model
 from pipeline.runtime.distributed import DistInfo
 from pipeline.runtime.io import LoadedCheckpoint, read_checkpoint
+from pipeline.stages.checks import check_retrieval_weights
 from pipeline.train.albef_task import AlbefTask, batch_tensors
 from pipeline.train.launch import config_error_exit, run_training, strip_launcher_keys
 from pipeline.train.task import StepContext
@@ -102,17 +103,6 @@ class RetrievalConfig(TrainingStageConfig):
             )
 
 
-def check_runtime(checkpoint: str) -> Callable[[RetrievalConfig, DistInfo, str], None]:
-    """The stage's checks that need the file system (ConfigError naming the key)."""
-
-    def _check(cfg: RetrievalConfig, info: DistInfo, device: str) -> None:
-        check(Path(checkpoint).exists(), "checkpoint", f"not found: {checkpoint}")
-        folders = [(f"data.train[{i}]", f) for i, f in enumerate(cfg.data.train)]
-        check_prep_folders(folders + ([("data.val", cfg.data.val)] if cfg.data.val is not None else []))
-
-    return _check
-
-
 class RetrievalTask(AlbefTask):
     """Retrieval fine-tuning: ITC with image-id positives + ITM, validated by retrieval recall."""
 
@@ -138,6 +128,9 @@ class RetrievalTask(AlbefTask):
         model = build_retrieval(self.model_config())
         load_retrieval_state(model, self.initial_weights().state_dict)  # logs what it mapped/skipped
         return model
+
+    def export_extra(self) -> dict[str, Any]:
+        return {**super().export_extra(), "initial_checkpoint": str(self.checkpoint)}  # for the model card
 
     def model_inputs(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         inputs = batch_tensors(batch, device, ("image", "input_ids", "attention_mask"))
@@ -167,6 +160,24 @@ class RetrievalTask(AlbefTask):
         return flat
 
 
+def check_runtime(task: RetrievalTask) -> Callable[[RetrievalConfig, DistInfo, str], None]:
+    """The stage's checks that need the file system (ConfigError naming the key), the initial
+    checkpoint included: it is read here (weights-only) and kept for `build_model`, so a file that
+    cannot be read fails before the run folder is written."""
+
+    def _check(cfg: RetrievalConfig, info: DistInfo, device: str) -> None:
+        check(Path(task.checkpoint).exists(), "checkpoint", f"not found: {task.checkpoint}")
+        folders = [(f"data.train[{i}]", f) for i, f in enumerate(cfg.data.train)]
+        check_prep_folders(folders + ([("data.val", cfg.data.val)] if cfg.data.val is not None else []))
+        try:
+            loaded = task.initial_weights()
+        except (OSError, ValueError) as err:
+            raise ConfigError("checkpoint", str(err)) from None
+        check_retrieval_weights(loaded, task.model_config())
+
+    return _check
+
+
 def finetune_retrieval(
     config: str, checkpoint: str, output_dir: str, resume: str = "auto", overrides: dict[str, Any] | None = None
 ) -> int:
@@ -175,6 +186,5 @@ def finetune_retrieval(
         cfg = load_config(RetrievalConfig, config, strip_launcher_keys(overrides))
     except ConfigError as err:
         return config_error_exit(err)
-    return run_training(
-        cfg, output_dir, resume, make_task=lambda info: RetrievalTask(cfg, checkpoint), check=check_runtime(checkpoint)
-    )
+    task = RetrievalTask(cfg, checkpoint)
+    return run_training(cfg, output_dir, resume, make_task=lambda info: task, check=check_runtime(task))

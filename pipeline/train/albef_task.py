@@ -77,6 +77,7 @@ class AlbefTask(TrainTask):
             shuffle_buffer=d.shuffle_buffer,
             max_words=d.max_words,
             finetune=self.finetune,
+            max_consecutive_bad=d.max_consecutive_bad_samples,
         )
 
     def begin_step(self, model: nn.Module, ctx: StepContext) -> None:

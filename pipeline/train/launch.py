@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from pipeline.config import REPO_ROOT, ConfigError, to_dict, to_yaml
+from pipeline.data import TooManyBadSamples
 from pipeline.runtime.distributed import DistInfo, dist_info_from_env, init_distributed
 from pipeline.runtime.ds_config import build_ds_config, resolve_device
 from pipeline.runtime.exit_codes import CONFIG_ERROR_EXIT_CODE, FAILED_EXIT_CODE
-from pipeline.runtime.io import write_text_atomic
+from pipeline.runtime.io import CheckpointReadError, write_text_atomic
 from pipeline.runtime.logs import setup_logging
 from pipeline.train.geometry import derive_geometry
 from pipeline.train.task import TrainTask
@@ -111,6 +112,9 @@ def run_training(
     )
     try:
         return trainer.fit(resume)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, CheckpointReadError) as err:  # the latter: a --resume file that is not weights-only
         logger.error("%s", err)
+        return FAILED_EXIT_CODE
+    except TooManyBadSamples as err:  # possibly re-raised from a loader worker, its traceback in the message
+        logger.error("%s", TooManyBadSamples.one_line(err))
         return FAILED_EXIT_CODE

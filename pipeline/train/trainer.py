@@ -36,10 +36,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import deepspeed
@@ -272,13 +276,15 @@ class Trainer:
 
     def _loop(self, tb: TBLogger) -> int:
         accum = self.train_cfg.grad_accum_steps
-        batches = iter(
+        batches = InterruptibleBatches(
             self.task.train_batches(
                 start_micro_step=self.state.step * accum,
                 segment_steps=self.geometry.segment_steps,
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
-            )
+            ),
+            self.preemption.signals,
+            lambda: self.preemption.requested,
         )
         window = _Window()
         window.reset(self.state.samples_seen)
@@ -286,7 +292,17 @@ class Trainer:
         self.engine.train()
         consecutive_skips = 0
         while self.state.step < self.total_steps:
-            nonfinite, samples, bad = self.train_step(batches, window)
+            try:
+                nonfinite, samples, bad = self.train_step(batches, window)
+            except DataWaitInterrupted as err:
+                logger.warning(
+                    "%s: the loader is still searching (bad samples?); exiting %d without a new checkpoint "
+                    "(the last one is %s)",
+                    err,
+                    PREEMPTED_EXIT_CODE,
+                    checkpoint.read_latest(self.ckpt_dir) or "none",
+                )
+                return PREEMPTED_EXIT_CODE
             consecutive_skips = 0 if self._step_applied() else consecutive_skips + 1
             stop, nonfinite, samples, bad = self._agree(self.preemption.requested, nonfinite, samples, bad)
             self.state.step += 1
@@ -502,6 +518,76 @@ class _Window:
         out["perf/data_wait_s"] = wait / max(self.steps, 1)
         out["perf/data_wait_frac"] = min(1.0, wait / elapsed)
         return out
+
+
+DATA_WAIT_GRACE_S = 10.0  # seconds a batch may still take after a stop signal before the wait is abandoned
+
+
+class DataWaitInterrupted(BaseException):
+    """No batch came within DATA_WAIT_GRACE_S of a stop signal (the loader keeps skipping bad samples?).
+
+    A BaseException, like KeyboardInterrupt, which it resembles: raised from a signal handler at
+    any point of the loader's code, it must pass the `except Exception` skip handlers there."""
+
+
+class InterruptibleBatches:
+    """An iterator over `batches` whose `next()` gives up some time after a stop signal.
+
+    The preemption handler only raises a flag that the loop reads between steps. Normally the batch
+    arrives, the step completes and every rank checkpoints and exits 75 together. A loader that
+    keeps skipping bad samples never returns to the loop, though: so once a stop signal has come
+    (during the wait, or before it began), the wait lasts at most `grace_s` more seconds (SIGALRM),
+    then raises DataWaitInterrupted. Only the main thread can set signal handlers; elsewhere
+    `next()` is a plain one.
+    """
+
+    def __init__(
+        self,
+        batches: Any,
+        signals: tuple[signal.Signals, ...],
+        stop_requested: Callable[[], bool],
+        grace_s: float = DATA_WAIT_GRACE_S,
+    ) -> None:
+        self._it: Iterator[Any] = iter(batches)
+        self._signals, self._stop_requested, self._grace_s = signals, stop_requested, grace_s
+
+    def __iter__(self) -> InterruptibleBatches:
+        return self
+
+    def __next__(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return next(self._it)
+        # getsignal is None for a handler not set from Python: leave such a signal alone.
+        previous = {sig: h for sig in self._signals if (h := signal.getsignal(sig)) is not None}
+        alarm: list[Any] = []  # (previous SIGALRM handler, previous timer) once armed
+
+        def on_alarm(signum: int, frame: FrameType | None) -> None:
+            raise DataWaitInterrupted(f"no batch {self._grace_s:g} s after the stop signal")
+
+        def arm() -> None:  # SIGALRM is touched only after a stop signal, never on the normal path
+            if not alarm:
+                alarm.append(signal.signal(signal.SIGALRM, on_alarm))
+                alarm.append(signal.setitimer(signal.ITIMER_REAL, self._grace_s))
+
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            handler = previous[signal.Signals(signum)]
+            if callable(handler):
+                handler(signum, frame)  # the preemption flag
+            arm()
+
+        for sig in previous:
+            signal.signal(sig, on_stop)
+        try:
+            if self._stop_requested():
+                arm()
+            return next(self._it)
+        finally:
+            if alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, signal.SIG_DFL if alarm[0] is None else alarm[0])
+                signal.setitimer(signal.ITIMER_REAL, *alarm[1])  # whoever used the timer before (0 = none)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

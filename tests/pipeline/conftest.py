@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_testutils import make_shards, make_synthetic_splits
+from pipeline_testutils import make_shards, make_synthetic_splits, pretrain_cmd, run_cli
 
 
 @pytest.fixture
@@ -28,3 +28,15 @@ def train_shards(tmp_path: Path) -> Callable[..., Path]:
         return make_shards(tmp_path / "shards", **kwargs)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A finished 2-step CPU pretraining run through the CLI (fp32, 32 px): {'run', 'train', 'test'}.
+    Read-only for tests: copy it before changing anything."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    splits = make_synthetic_splits(root / "splits", n_train=32, n_test=16, image_size=32)
+    cmd = pretrain_cmd(root / "run", splits["train"], "--train.max_steps=2", "--train.save_every_steps=2")
+    proc = run_cli([*cmd[3:], "--model.image_res=32", "--data.num_workers=0"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return {"run": root / "run", "train": splits["train"], "test": splits["test"]}

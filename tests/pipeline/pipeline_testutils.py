@@ -182,3 +182,33 @@ def tb_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m pipeline.cli ARGS` as one process outside any launcher; output captured as text."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, *names: str) -> str:
+    """Exit `code`, no traceback, and exactly one logged error line, which holds every one of `names`."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, f"rc {proc.returncode}:\n{out[-3000:]}"
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, out[-3000:]
+    assert all(name in errors[0] for name in names), errors[0]
+    return errors[0]

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from model.retrieval import build_retrieval
 from pipeline.config import REPO_ROOT, ConfigError, load_config
 from pipeline.stages.finetune_retrieval import RetrievalConfig, RetrievalTask, finetune_retrieval
 
@@ -41,9 +43,12 @@ def test_config_errors_name_the_key(tmp_path: Path, capfd) -> None:
     )
     assert code == 2 and not (tmp_path / "run").exists()
     assert "config key 'checkpoint'" in capfd.readouterr().err
+    init = tmp_path / "init.pth"  # a readable checkpoint that fits, so the geometry check is reached
+    cfg = load_config(RetrievalConfig, "retrieval_tiny_cpu", {"data.train": f"[{splits['train']}]"})
+    torch.save({"model": build_retrieval(RetrievalTask(cfg, str(init)).model_config()).state_dict()}, init)
     code = finetune_retrieval(
         "retrieval_tiny_cpu",
-        str(splits["train"]),
+        str(init),
         str(tmp_path / "run"),
         overrides={"data.train": f"[{splits['train']}]", "model.queue_size": 48},
     )

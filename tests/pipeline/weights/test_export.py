@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from model.convert import from_official
+from pipeline.config import ConfigError
 from pipeline.runtime import checkpoint
 from pipeline.weights.export import export
 
@@ -81,7 +82,7 @@ def test_engine_cast_leaves_twins_and_queues_fp32(bf16_run: Path) -> None:
 
 
 def test_export_ours_and_official_give_identical_outputs(bf16_run: Path, tmp_path: Path) -> None:
-    ours = Path(export(str(bf16_run / "run"), str(tmp_path / "ours.pth"), "ours"))
+    ours = Path(export(str(bf16_run / "run"), str(tmp_path / "ours.pth"), "ours", "pth"))
     proc = subprocess.run(
         [
             sys.executable,
@@ -127,12 +128,19 @@ def test_export_ours_and_official_give_identical_outputs(bf16_run: Path, tmp_pat
         assert torch.equal(x, y)
     assert not torch.equal(_outputs(a)[5], _outputs(_fresh_model(exported["model_config"]))[5])  # weights matter
 
-    again = torch.load(export(str(tmp_path / "official.pth"), str(tmp_path / "back.pth"), "ours"), weights_only=True)
+    again = torch.load(
+        export(str(tmp_path / "official.pth"), str(tmp_path / "back.pth"), "ours", "pth"), weights_only=True
+    )
     assert set(again["model"]) == set(state) and all(torch.equal(again["model"][k], state[k]) for k in state)
 
 
 def test_export_refuses_what_is_not_a_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint"):
-        export(str(tmp_path), str(tmp_path / "x.pth"))
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(ConfigError, match="'checkpoint': no DeepSpeed checkpoint"):
+        export(str(tmp_path), str(tmp_path / "x.safetensors"))
+    with pytest.raises(ConfigError, match="'layout'"):
         export(str(tmp_path), str(tmp_path / "x.pth"), "hf")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="'output'.*must end in .safetensors"):
+        export(str(tmp_path), str(tmp_path / "x.pth"))  # the default format is safetensors
+    with pytest.raises(ConfigError, match="'format': the official layout is a .pth"):
+        export(str(tmp_path), str(tmp_path / "x.safetensors"), "official", "safetensors")
+    assert not list(tmp_path.iterdir())  # nothing written
