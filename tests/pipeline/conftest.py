@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline_testutils import make_shards, make_synthetic_splits, pretrain_cmd, run_cli
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Stages call setup_logging (basicConfig force=True) in-process: drop the handler it installs.
+
+    Only pytest's own capture handlers may stay on the root logger: they come and go with each test
+    phase, so re-attaching a snapshot would keep handlers whose capture stream is already closed."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.handlers[:] = [h for h in root.handlers if type(h).__module__.startswith("_pytest")]
+    root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Two busy cores shared with other jobs: one intra-op thread avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

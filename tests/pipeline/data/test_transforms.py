@@ -167,5 +167,6 @@ def test_decompression_bomb_is_refused_on_its_header() -> None:
     with pytest.raises(TooManyPixels):
         open_image(_png_declaring(5, 4), max_pixels=16)
     counter = SkipCounter()
-    assert _decode_image(bomb, lambda img, rng: img.load(), None, counter, "x") is None
+    sample = {"__url__": "shard.tar", "__key__": "k"}
+    assert _decode_image(bomb, lambda img, rng: img.load(), None, counter, sample) is None
     assert Counter(counter.take()) == Counter({"too_many_pixels": 1}) and MAX_PIXELS == 89_478_485

@@ -7,7 +7,6 @@ events) is left exactly as it was.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path, PurePosixPath
 
@@ -17,16 +16,6 @@ import torch
 from pipeline.runtime.exit_codes import CONFIG_ERROR_EXIT_CODE
 from pipeline.stages.finetune_retrieval import finetune_retrieval
 from pipeline.stages.pretrain import pretrain
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The stages call setup_logging (basicConfig force=True) in-process: put the root logger back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture
