@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # GPU smoke test for a lent GPU (< 5 min): ALBEF-base (ViT-B/16 + BERT-base, 256 px, queue 65536) with
-# ds_configs/zero2_fp16.json (ZeRO-2, fp16 dynamic loss scaling, FusedAdam) through the real Trainer step on
+# ds_configs/zero2_fp16.json (ZeRO-2, fp16 dynamic loss scaling, torch's fused AdamW) through the real Trainer step on
 # synthetic batches. Prints images/s, peak GPU memory and the loss scale (+ skipped overflow steps, last loss).
 #
 #   bash bench/gpu_smoke.sh                 # defaults: batch 64, 5 warm-up + 20 timed steps, 1 GPU
 #   BATCH=32 STEPS=10 NPROC=2 bash bench/gpu_smoke.sh
 #
-# The first run JIT-compiles DeepSpeed's FusedAdam and shared-memory ops (cached under
-# TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); the timeout leaves room for that.
+# The optimizer is torch's fused AdamW, chosen in the DeepSpeed JSON ("torch_adam": true, "fused": true):
+# nothing is compiled for it. DeepSpeed's own FusedAdam ("torch_adam": false) is JIT-compiled on first
+# use unless DeepSpeed was installed with DS_BUILD_FUSED_ADAM=1; the line "optimizer" below says which
+# one this machine would get. The first run may still JIT-compile DeepSpeed's shared-memory op
+# (cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); the timeout leaves room.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +24,15 @@ TIMEOUT_S=${TIMEOUT_S:-280}
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, deepspeed; assert torch.cuda.is_available(), 'no GPU visible to torch'; \
 print(f'torch {torch.__version__} cuda {torch.version.cuda} deepspeed {deepspeed.__version__} gpus {torch.cuda.device_count()}')"
+python - <<'PY'
+import json
+from deepspeed.git_version_info import installed_ops
+params = json.load(open("ds_configs/zero2_fp16.json"))["optimizer"]["params"]
+chosen = "torch.optim.AdamW(fused=True)" if params.get("torch_adam") and params.get("fused") else (
+    "torch.optim.AdamW" if params.get("torch_adam") else "deepspeed FusedAdam")
+built = "prebuilt" if installed_ops.get("fused_adam") else "JIT-compiled on first use"
+print(f"optimizer       {chosen} (DeepSpeed FusedAdam op here: {built})")
+PY
 
 out=$(timeout "${TIMEOUT_S}" python bench/pretrain.py --config pretrain_4m --ds ds_configs/zero2_fp16.json \
       --batch_size "${BATCH}" --image_res 256 --steps "${STEPS}" --warmup "${WARMUP}" --nproc "${NPROC}" \

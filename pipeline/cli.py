@@ -72,11 +72,12 @@ class Slurm:
         stage_list = stages.split(",") if isinstance(stages, str) else list(stages)
         return submit_command(stage_list, config, dry_run, overrides)
 
-    def status(self, run_dir: str, wait: bool = False) -> int:
-        """Final states of a submitted chain (failed job + its log, dependents that never ran)."""
-        from pipeline.slurm.submit import status_command
+    def status(self, run_dir: str, wait: bool = False, timeout_s: float | None = None) -> int:
+        """Final states of a submitted chain (failed job + its log, dependents that never ran);
+        --wait polls until all jobs ended (at most --timeout_s, default 7 days)."""
+        from pipeline.slurm.submit import DEFAULT_WAIT_TIMEOUT_S, status_command
 
-        return status_command(run_dir, wait)
+        return status_command(run_dir, wait, timeout_s=DEFAULT_WAIT_TIMEOUT_S if timeout_s is None else timeout_s)
 
 
 class CLI:

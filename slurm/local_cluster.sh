@@ -114,14 +114,18 @@ SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=1
 # A dependent of a failed job is cancelled (reason DependencyNeverSatisfied) instead of pending forever.
 DependencyParameters=kill_invalid_depend
-# Keep finished jobs visible to 'scontrol show job' (no accounting database here).
-MinJobAge=86400
+# MinJobAge is left at SLURM's default (300 s): 'scontrol show job' forgets a job that long after
+# it ended, as on a real cluster, and 'albef slurm status' must then ask sacct. There is no
+# accounting database here; sacct reads the job completion log instead ('sacct --completion').
+JobCompType=jobcomp/filetxt
+JobCompLoc=$STATE_DIR/log/jobcomp.txt
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+# As many sites: one task exiting non-zero ends its step (srun --kill-on-bad-exit is the default).
+KillOnBadExit=1
 JobRequeue=1
 KillWait=10
 ReturnToService=2
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE $hw State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF

@@ -29,6 +29,7 @@ from pipeline.data.text import build_tokenizer, tokenize
 from pipeline.retrieval.metrics import chance_metrics, recall_curves, retrieval_metrics
 from pipeline.retrieval.rerank import EncodedSplit, score_matrices
 from pipeline.runtime.io import LoadedCheckpoint, read_checkpoint
+from pipeline.runtime.preemption import check_stop, stop_requested_here
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ def encode_split(model: Any, data: str | Path, cfg: EvalConfig, device: torch.de
         order += list(zip(batch["source"].tolist(), batch["key"]))
         captions += [[c for c in caps if c] for caps in batch["captions"]]
         bad += sum(batch.get("bad_samples", {}).values())
+        check_stop()  # fine-tuning's validation: a stop signal ends it here (every rank, same batch)
     if not order:
         raise ValueError(f"{data}: no decodable image in the eval shards")
     perm = sorted(range(len(order)), key=order.__getitem__)  # (source, key): independent of worker interleaving
@@ -189,6 +191,7 @@ def encode_split(model: Any, data: str | Path, cfg: EvalConfig, device: torch.de
         )
         hidden.append(h)
         text_feat.append(f)
+        check_stop()
     encoded = EncodedSplit(
         torch.cat(embeds)[index], torch.cat(feats)[index], torch.cat(hidden), mask.to(device), torch.cat(text_feat)
     )
@@ -205,9 +208,13 @@ def score_split(
     logits = model.itm_logits if cfg.exact else model.itm_logits_cls
 
     def itm_fn(image_embeds: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        if stop_requested_here():
+            # Ranks re-rank different numbers of batches, so they cannot agree here: skip the
+            # remaining work (scores are discarded) and agree at the check after the gather.
+            return torch.zeros(image_embeds.shape[0], 2, device=image_embeds.device)
         return logits(text_hidden, text_mask, image_embeds)
 
-    return score_matrices(
+    scores = score_matrices(
         split.encoded,
         cfg.k_test,
         itm_fn,
@@ -216,6 +223,8 @@ def score_split(
         pairs_per_batch=cfg.pairs_per_batch,
         trim_padding=not cfg.exact,
     )
+    check_stop()
+    return scores
 
 
 def metrics_from_scores(

@@ -39,12 +39,16 @@ class Resources:
 
 @dataclass
 class ClusterSettings:
-    """Site settings added to every job."""
+    """Site settings. account/qos go to every job; partition/sbatch_args to the training and eval
+    jobs; the CPU jobs (prep array, prep check) get cpu_partition/cpu_sbatch_args instead, so GPU
+    options (--exclusive, --gpu-bind, a GPU constraint) never reach them."""
 
-    partition: str | None = None  # --partition
-    account: str | None = None  # --account (the allocation charged)
-    qos: str | None = None  # --qos
-    sbatch_args: list[str] = field(default_factory=list)  # e.g. ["--constraint=a100", "--exclusive"]
+    partition: str | None = None  # --partition of pretrain/finetune/eval
+    account: str | None = None  # --account (the allocation charged), every job
+    qos: str | None = None  # --qos, every job
+    sbatch_args: list[str] = field(default_factory=list)  # pretrain/finetune/eval, e.g. ["--exclusive"]
+    cpu_partition: str | None = None  # --partition of prep/prep_check; None = the cluster's default
+    cpu_sbatch_args: list[str] = field(default_factory=list)  # prep/prep_check only
 
 
 @dataclass
@@ -69,7 +73,9 @@ class PretrainStage:
     resources: Resources = field(default_factory=Resources)
     config: str = "pretrain_tiny_cpu.yaml"  # experiment config: a path, or a name in pipeline/configs/
     overrides: dict[str, Any] = field(default_factory=dict)  # --a.b=value passed to `albef pretrain`
-    preempt_grace_s: int = 120  # USR1 this many seconds before the time limit (checkpoint, requeue)
+    # USR1 this many seconds before the time limit: must cover one step + one checkpoint save (+ up
+    # to 60 s of SLURM's signal slack); see slurm/README.md "Grace time".
+    preempt_grace_s: int = 300
 
 
 @dataclass
@@ -78,13 +84,14 @@ class FinetuneStage:
     config: str = "retrieval_tiny_cpu.yaml"  # a path, or a name in pipeline/configs/
     checkpoint: str | None = None  # pretrained weights; None = this run's pretrain folder
     overrides: dict[str, Any] = field(default_factory=dict)
-    preempt_grace_s: int = 120
+    preempt_grace_s: int = 300  # as pretrain; a signal during validation stops it within a batch
 
 
 @dataclass
 class EvalStage:
     resources: Resources = field(default_factory=Resources)
-    # "finetune" / "pretrain" = that stage's run folder in this run; anything else is a path.
+    # "finetune" = fine-tuning's `best` tag (its `latest` when it has no data.val), "finetune:latest",
+    # "pretrain" = pretraining's latest; anything else is a path.
     checkpoints: list[str] = field(default_factory=lambda: ["finetune"])
     data: list[str] = field(default_factory=list)  # eval prep folders, besides prep sources fed to "eval"
     k_test: int | None = None  # ITM re-ranking depth; None = the stage's default
@@ -122,6 +129,7 @@ def resolve_config_path(value: str, key: str) -> Path:
 
 def validate(s: SlurmSettings) -> None:
     """Impossible values fail here, before anything is written or submitted."""
+    check_no_control_chars(s)
     for stage in STAGES:
         r: Resources = getattr(s, stage).resources
         key = f"{stage}.resources"
@@ -134,6 +142,8 @@ def validate(s: SlurmSettings) -> None:
             raise ConfigError(f"{key}.time", f"{r.time!r} is not SLURM time syntax (e.g. 2-00:00:00, 04:00:00, 90)")
         if r.max_parallel is not None and r.max_parallel < 1:
             raise ConfigError(f"{key}.max_parallel", f"must be >= 1, got {r.max_parallel}")
+    for stage in ("pretrain", "finetune", "eval"):
+        check_gpu_binding(getattr(s, stage).resources, s.cluster.sbatch_args, f"{stage}.resources")
     for stage in ("pretrain", "finetune"):
         if getattr(s, stage).preempt_grace_s < 1:
             raise ConfigError(f"{stage}.preempt_grace_s", "must be >= 1 second")
@@ -157,3 +167,43 @@ def validate(s: SlurmSettings) -> None:
         for feed in src.feeds:
             if not _FEED_RE.match(feed):
                 raise ConfigError(f"{key}.feeds", f"{feed!r} is not 'pretrain:<key>', 'finetune:<key>' or 'eval'")
+
+
+_GRES_GPU_RE = re.compile(r"^--gres=(?:.*,)?gpu(?::[^:,]+)?:(\d+)(?:,|$)")
+
+
+def check_gpu_binding(r: Resources, cluster_args: list[str], key: str) -> None:
+    """One rank per GPU: tasks per node must equal GPUs per node (given as gpus_per_node or as
+    --gres=gpu[:type]:N in sbatch_args). Each rank takes GPU `local_rank % visible GPUs`
+    (pipeline/runtime/distributed.py), so with fewer tasks GPUs idle and with more, ranks share one."""
+    gpus = r.gpus_per_node
+    source = "gpus_per_node"
+    for arg in [*cluster_args, *r.sbatch_args]:
+        match = _GRES_GPU_RE.match(arg)
+        if match:
+            gpus, source = int(match.group(1)), arg
+    if gpus and r.ntasks_per_node != gpus:
+        raise ConfigError(
+            f"{key}.ntasks_per_node",
+            f"{r.ntasks_per_node} tasks per node but {gpus} GPUs per node ({source}): training and eval "
+            "run one rank per GPU, set both to the node's GPU count",
+        )
+
+
+def check_no_control_chars(value: Any, key: str = "") -> None:
+    """No TAB, newline or carriage return anywhere: the array task lists are one TAB-separated
+    line per task, so such a character would split an argument or inject a task."""
+    if isinstance(value, str):
+        bad = [name for char, name in (("\t", "TAB"), ("\n", "newline"), ("\r", "carriage return")) if char in value]
+        if bad:
+            raise ConfigError(key or "settings", f"{value!r} contains a {bad[0]}, which the task lists cannot carry")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_no_control_chars(str(k), f"{key}.{k}" if key else str(k))
+            check_no_control_chars(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            check_no_control_chars(v, f"{key}.{i}")
+    elif hasattr(value, "__dataclass_fields__"):
+        for name in value.__dataclass_fields__:
+            check_no_control_chars(getattr(value, name), f"{key}.{name}" if key else name)

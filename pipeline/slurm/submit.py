@@ -6,8 +6,15 @@ gets its values only from its sbatch command line and `--export`, so the printed
 are the whole story: a user can copy them, edit them, or run the scripts by hand.
 
 When a submission fails half-way, the jobs already submitted are cancelled (scancel) and the error
-says so; if cancelling fails too, the ids to cancel are printed. `status`/`wait` read the jobs back
-with `scontrol show job -o` and name the failed job and the dependents that will never run.
+says so; if cancelling fails too, the ids to cancel are printed. A run folder whose last submission
+still has queued or running jobs is refused (two chains would write the same checkpoints).
+`--dry_run` writes nothing: it prints the commands that would write the task lists and submit.
+
+`status`/`wait` read the jobs back with `scontrol show job -o`; a job that ended more than
+MinJobAge (300 s by default) ago is forgotten by scontrol, and is then read from `sacct` (the
+accounting database) or, without one, from the job completion log (JobCompType=jobcomp/filetxt).
+Both name the failed job and the dependents that will never run. `wait` gives up after
+DEFAULT_WAIT_TIMEOUT_S unless told otherwise.
 Console output is this command's product, hence `print` (to stdout), not logging.
 """
 
@@ -26,11 +33,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import SLURM_TEMPLATE_DIR, ConfigError
+from pipeline.config import SLURM_TEMPLATE_DIR, ConfigError, read_yaml
 from pipeline.slurm.config import (
     STAGES,
     Resources,
     SlurmSettings,
+    check_no_control_chars,
     load_settings,
     resolve_config_path,
 )
@@ -50,7 +58,10 @@ FINAL_STATES = {
     "DEADLINE",
     "PREEMPTED",
     "SPECIAL_EXIT",
+    "PURGED",  # forgotten by scontrol, and neither sacct nor a completion log knows it: outcome unknown
 }
+DEFAULT_WAIT_TIMEOUT_S = 7 * 24 * 3600.0  # `wait` gives up after this (a whole 4M chain fits)
+CPU_STAGES = ("prep", "prep_check")  # get cluster.cpu_partition / cpu_sbatch_args
 NEVER_SATISFIED = "DependencyNeverSatisfied"
 PREP_PATH_OPTIONS = ("image_root", "regions", "exclude", "captions_file")  # `albef prep` flags naming files
 
@@ -127,16 +138,21 @@ def submit(
     """
     settings = load_settings(config or DEFAULT_CONFIG, overrides)
     plan = build_plan(settings, _stage_list(stages))
+    live = live_jobs(plan.run_dir)
+    if live and not dry_run:
+        raise ConfigError(
+            "run_dir",
+            f"{plan.run_dir} has jobs of its last submission still queued or running ({', '.join(live)}); "
+            "a second chain would write the same checkpoints. Wait for them, scancel them, or use another run_dir",
+        )
+    if live:
+        plan.warnings.append(f"{plan.run_dir} has live jobs ({', '.join(live)}): submitting would be refused")
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    write_task_files(plan)
     if dry_run:
-        print(f"# albef slurm submit --dry_run: nothing submitted; run folder {plan.run_dir}")
-        for path in plan.task_files:
-            print(f"# task list (one line per array task): {path}")
-        for job in plan.jobs:
-            print(job.shell_line())
+        print(dry_run_script(plan))
         return plan.jobs
+    write_task_files(plan)
     submit_plan(plan)
     _print_submitted(plan)
     return plan.jobs
@@ -163,16 +179,23 @@ def submit_command(
     return 0
 
 
-def status_command(run_dir: str, wait_for_end: bool = False, poll_s: float = 5.0) -> int:
+def status_command(
+    run_dir: str, wait_for_end: bool = False, poll_s: float = 5.0, timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
+) -> int:
     """`albef slurm status`: the table for the run's last submission (optionally after all jobs end).
 
-    Exit code 1 when a job failed or will never run, else 0 (finished or still going).
+    Exit code 1 when a job failed or will never run, or waiting timed out; else 0 (finished or
+    still going).
     """
     record = Path(run_dir) / "slurm" / SUBMISSION_FILE
     if not record.is_file():
         print(f"albef slurm status: no submission recorded in {record}", file=sys.stderr)
         return 2
-    infos = wait(run_dir, poll_s=poll_s) if wait_for_end else status(run_dir)
+    try:
+        infos = wait(run_dir, poll_s=poll_s, timeout_s=timeout_s) if wait_for_end else status(run_dir)
+    except TimeoutError as err:
+        print(f"albef slurm status: {err}", file=sys.stderr)
+        return 1
     print(format_status(infos))
     return 1 if any(i.final and not i.ok for i in infos) else 0
 
@@ -201,7 +224,6 @@ def build_plan(settings: SlurmSettings, stages: list[str]) -> Plan:
             raise ConfigError("scripts_dir", f"{script} not found")
     plan = Plan(run_dir=run_dir, jobs=[])
     prep_lines, feeds = _prep_tasks(settings, run_dir, plan.warnings)
-    common = _common_args(settings)
 
     def add(
         name: str, res: Resources, script: str, args: list[str], array_size: int = 0, signal: int | None = None
@@ -216,7 +238,7 @@ def build_plan(settings: SlurmSettings, stages: list[str]) -> Plan:
         if array_size:
             limit = f"%{res.max_parallel}" if res.max_parallel else ""
             argv.append(f"--array=1-{array_size}{limit}")
-        argv += common + _resource_args(res)
+        argv += _common_args(settings, cpu=name in CPU_STAGES) + _resource_args(res)
         if signal is not None:
             argv.append(f"--signal=B:USR1@{signal}")
         argv += res.sbatch_args + [_export(settings), str(scripts / script)] + args
@@ -243,10 +265,15 @@ def build_plan(settings: SlurmSettings, stages: list[str]) -> Plan:
         args += _override_args({**ft.overrides}, feeds.get("finetune", {}), "finetune.overrides")
         add("finetune", ft.resources, "finetune.sbatch", args, signal=ft.preempt_grace_s)
     if "eval" in stages:
-        lines = _eval_tasks(settings, run_dir, feeds.get("eval", {}).get("", []))
+        validates = _finetune_validates(settings, feeds.get("finetune", {}))
+        lines = _eval_tasks(settings, run_dir, feeds.get("eval", {}).get("", []), validates, plan.warnings)
         tasks = run_dir / "slurm" / "eval_tasks.tsv"
         plan.task_files[tasks] = "".join("\t".join(line) + "\n" for line in lines)
         add("eval", settings.eval.resources, "eval.sbatch", [str(tasks)], array_size=len(lines))
+    # The settings were checked; what is left are paths resolved against the current folder.
+    words = [w for job in plan.jobs for w in job.argv] + [str(p) for p in plan.task_files]
+    words += [f for text in plan.task_files.values() for line in text.splitlines() for f in line.split("\t")]
+    check_no_control_chars(words, "paths (resolved against the current folder)")
     return plan
 
 
@@ -280,8 +307,24 @@ def _prep_tasks(
     return lines, feeds
 
 
-def _eval_tasks(settings: SlurmSettings, run_dir: Path, fed: list[str]) -> list[list[str]]:
-    """One `albef evaluate retrieval` argument list per (checkpoint, eval data) pair."""
+def _finetune_validates(settings: SlurmSettings, fed: dict[str, list[str]]) -> bool:
+    """Whether fine-tuning has a `data.val` (so a `best` tag): fed by prep, overridden, or in its YAML."""
+    ft = settings.finetune
+    if "data.val" in fed or ft.overrides.get("data.val") is not None:
+        return True
+    path = resolve_config_path(ft.config, "finetune.config")
+    data = read_yaml(path, "finetune.config").get("data") or {}
+    return isinstance(data, dict) and data.get("val") is not None
+
+
+def _eval_tasks(
+    settings: SlurmSettings, run_dir: Path, fed: list[str], finetune_validates: bool, warnings: list[str]
+) -> list[list[str]]:
+    """One `albef evaluate retrieval` argument list per (checkpoint, eval data) pair.
+
+    "finetune" is fine-tuning's `best` tag (chosen on data.val), its last checkpoint when it has
+    no validation; "finetune:latest" / "finetune:best" choose explicitly; "pretrain" is
+    pretraining's last checkpoint (zero-shot)."""
     st = settings.eval
     data = fed + [_abs(d) for d in st.data]
     if not data:
@@ -290,8 +333,18 @@ def _eval_tasks(settings: SlurmSettings, run_dir: Path, fed: list[str]) -> list[
         raise ConfigError("eval.checkpoints", "empty")
     lines = []
     for ckpt in st.checkpoints:
-        if ckpt in ("pretrain", "finetune"):
-            checkpoint = output = str(run_dir / ckpt)  # metrics land in that run's eval/ folder
+        if ckpt == "finetune" and not finetune_validates:
+            warnings.append(
+                "eval of 'finetune': fine-tuning has no data.val (no `best` tag), evaluating its last checkpoint"
+            )
+            checkpoint = output = str(run_dir / "finetune")
+        elif ckpt in ("finetune", "finetune:best"):
+            checkpoint = str(run_dir / "finetune" / "checkpoints" / "best")
+            output = str(run_dir / "finetune")  # metrics land in that run's eval/ folder
+        elif ckpt == "pretrain":
+            checkpoint = output = str(run_dir / "pretrain")
+        elif ckpt == "finetune:latest":
+            checkpoint, output = str(run_dir / "finetune"), str(run_dir / "eval" / "finetune_latest")
         else:
             checkpoint = _abs(ckpt)
             output = str(run_dir / "eval" / Path(checkpoint).stem)
@@ -312,14 +365,16 @@ def _override_args(overrides: dict[str, Any], fed: dict[str, list[str]], key: st
     return [f"--{k}={_value(v)}" for k, v in overrides.items()]
 
 
-def _common_args(settings: SlurmSettings) -> list[str]:
+def _common_args(settings: SlurmSettings, cpu: bool) -> list[str]:
+    """Site options: account/qos for every job; partition + sbatch_args, or their cpu_* twins."""
     c = settings.cluster
+    partition = c.cpu_partition if cpu else c.partition
     args = [
         f"--{name}={value}"
-        for name, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos))
+        for name, value in (("partition", partition), ("account", c.account), ("qos", c.qos))
         if value
     ]
-    return args + list(c.sbatch_args)
+    return args + list(c.cpu_sbatch_args if cpu else c.sbatch_args)
 
 
 def _resource_args(r: Resources) -> list[str]:
@@ -347,6 +402,36 @@ def _value(v: Any) -> str:
 
 def _abs(path: str) -> str:
     return str(Path(path).expanduser().resolve())
+
+
+def dry_run_script(plan: Plan) -> str:
+    """The runnable bash snippet `--dry_run` prints: write the task lists, then submit the chain."""
+    lines = [
+        f"# albef slurm submit --dry_run: nothing submitted, nothing written; run folder {plan.run_dir}",
+        f"mkdir -p {shlex.quote(str(plan.run_dir / 'logs'))} {shlex.quote(str(plan.run_dir / 'slurm'))}",
+    ]
+    for path, text in plan.task_files.items():
+        rows = " ".join(_ansi_c(row) for row in text.splitlines())
+        lines.append(f"# task list (one line per array task): {path}")
+        lines.append(f"printf '%s\\n' {rows} > {shlex.quote(str(path))}")
+    return "\n".join(lines + [job.shell_line() for job in plan.jobs])
+
+
+def _ansi_c(text: str) -> str:
+    """A bash $'...' word: the TABs of a task line survive copy and paste as \\t."""
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\t", "\\t")
+    return f"$'{escaped}'"
+
+
+def live_jobs(run_dir: Path) -> list[str]:
+    """Ids of the last submission's jobs in `run_dir` that are not final (none recorded: [])."""
+    if not (run_dir / "slurm" / SUBMISSION_FILE).is_file() or shutil.which("scontrol") is None:
+        return []
+    try:
+        infos = status(run_dir)
+    except (OSError, ValueError, KeyError, subprocess.SubprocessError):
+        return []
+    return [f"{i.stage} {i.job_id} {i.state}" for i in infos if not i.final]
 
 
 def write_task_files(plan: Plan) -> None:
@@ -440,34 +525,109 @@ def status(run_dir: str | Path) -> list[JobInfo]:
     record = json.loads((Path(run_dir) / "slurm" / SUBMISSION_FILE).read_text(encoding="utf-8"))
     infos: list[JobInfo] = []
     for job in record["jobs"]:
-        infos += query_job(job["job_id"], job["name"])
+        infos += query_job(job["job_id"], job["name"], int(job.get("array_size") or 0))
     return infos
 
 
-def query_job(job_id: str, stage: str) -> list[JobInfo]:
-    """`scontrol show job -o ID`: one JobInfo per job or array task."""
+def query_job(job_id: str, stage: str, array_size: int = 0) -> list[JobInfo]:
+    """One JobInfo per job or array task: `scontrol show job -o ID`, then for what scontrol no
+    longer knows (purged MinJobAge after its end) `sacct`, then the job completion log.
+
+    A job none of them knows is PURGED (final, outcome unknown); a job scontrol cannot be asked
+    about (no controller) is UNKNOWN (not final: waiting goes on)."""
     proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:  # purged after MinJobAge, or no controller
+    purged = proc.returncode != 0 and "invalid job id" in proc.stderr.lower()
+    if proc.returncode != 0 and not purged:  # no controller, or another failure: ask again later
         return [JobInfo(stage=stage, job_id=job_id, state="UNKNOWN", reason=proc.stderr.strip())]
-    infos = []
-    for line in proc.stdout.splitlines():
-        fields = parse_scontrol_line(line)
-        if not fields:
-            continue
-        task = fields.get("ArrayTaskId")
-        shown = f"{fields.get('ArrayJobId')}_{task}" if task else fields.get("JobId", job_id)
-        infos.append(
+    infos = (
+        []
+        if purged
+        else [_from_fields(f, stage, job_id) for f in map(parse_scontrol_line, proc.stdout.splitlines()) if f]
+    )
+    if len(infos) < max(array_size, 1):  # all or some (array tasks) purged
+        seen = {i.job_id for i in infos}
+        for info in query_accounting(job_id, stage):
+            if info.job_id not in seen:
+                infos.append(info)
+                seen.add(info.job_id)
+    if not infos:
+        infos = [
             JobInfo(
                 stage=stage,
-                job_id=shown,
-                state=fields.get("JobState", "UNKNOWN"),
-                reason=fields.get("Reason", ""),
-                exit_code=fields.get("ExitCode", ""),
-                restarts=int(fields.get("Restarts", "0") or 0),
-                log=fields.get("StdOut", ""),
+                job_id=job_id,
+                state="PURGED",
+                reason="ended; scontrol forgot it and there is no accounting or completion log to ask",
             )
-        )
+        ]
     return sorted(infos, key=lambda i: [int(p) if p.isdigit() else 0 for p in re.split(r"[_\[\]-]", i.job_id)])
+
+
+def _from_fields(fields: dict[str, str], stage: str, job_id: str) -> JobInfo:
+    """A JobInfo from `scontrol show job -o` fields (the completion log has the same format)."""
+    task = fields.get("ArrayTaskId")
+    shown = f"{fields.get('ArrayJobId')}_{task}" if task else fields.get("JobId", job_id)
+    return JobInfo(
+        stage=stage,
+        job_id=shown,
+        state=fields.get("JobState", "UNKNOWN"),
+        reason=fields.get("Reason", ""),
+        exit_code=fields.get("ExitCode", ""),
+        restarts=int(fields.get("Restarts", "0") or 0),
+        log=fields.get("StdOut", ""),
+    )
+
+
+def query_accounting(job_id: str, stage: str) -> list[JobInfo]:
+    """A finished job from `sacct` (one row per run with --duplicates: restarts = rows - 1), or,
+    where accounting is disabled, from the job completion log. [] when neither knows it."""
+    try:
+        proc = subprocess.run(
+            ["sacct", "--jobs", job_id, "--allocations", "--duplicates", "--noheader", "--parsable2",
+             "--format=JobID,State,ExitCode"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if proc.returncode == 0:
+        runs: dict[str, list[tuple[str, str]]] = {}
+        for line in proc.stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) >= 3 and parts[0]:
+                runs.setdefault(parts[0], []).append((parts[1].split()[0] if parts[1] else "UNKNOWN", parts[2]))
+        return [
+            JobInfo(
+                stage=stage,
+                job_id=jid,
+                state=rows[-1][0],
+                exit_code=rows[-1][1],
+                restarts=len(rows) - 1,
+                reason="(sacct)",
+            )
+            for jid, rows in runs.items()
+        ]
+    return read_completion_log(job_id, stage)
+
+
+def read_completion_log(job_id: str, stage: str) -> list[JobInfo]:
+    """The job's records in the jobcomp/filetxt log (`scontrol show config`: JobCompLoc), if any.
+
+    One record per run end (a requeued job has several); array tasks are matched by ArrayJobId."""
+    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
+    config = dict(re.findall(r"^(JobComp\w+)\s*=\s*(.*?)\s*$", proc.stdout, re.M))
+    path = Path(config.get("JobCompLoc", ""))
+    if config.get("JobCompType") != "jobcomp/filetxt" or not path.is_file():
+        return []
+    found: dict[str, list[dict[str, str]]] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        fields = parse_scontrol_line(line)
+        if job_id in (fields.get("JobId"), fields.get("ArrayJobId")):
+            found.setdefault(_from_fields(fields, stage, job_id).job_id, []).append(fields)
+    infos = []
+    for records in found.values():
+        info = _from_fields(records[-1], stage, job_id)
+        info.restarts, info.reason = len(records) - 1, "(completion log)"
+        infos.append(info)
+    return infos
 
 
 def parse_scontrol_line(line: str) -> dict[str, str]:
@@ -476,8 +636,10 @@ def parse_scontrol_line(line: str) -> dict[str, str]:
     return {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
 
 
-def wait(run_dir: str | Path, poll_s: float = 2.0, timeout_s: float | None = None) -> list[JobInfo]:
-    """Poll until every job is final (or will never run); returns the last states."""
+def wait(run_dir: str | Path, poll_s: float = 2.0, timeout_s: float = DEFAULT_WAIT_TIMEOUT_S) -> list[JobInfo]:
+    """Poll until every job is final (or will never run); returns the last states.
+
+    Raises TimeoutError (with the table) after `timeout_s`."""
     start = time.monotonic()
     while True:
         infos = status(run_dir)
@@ -496,6 +658,9 @@ def format_status(infos: list[JobInfo]) -> str:
     failed = [i for i in infos if i.final and not i.ok and i.reason != NEVER_SATISFIED]
     never = [i for i in infos if i.reason == NEVER_SATISFIED]
     for i in failed:
+        if i.state == "PURGED":
+            lines.append(f"UNKNOWN OUTCOME: {i.stage} job {i.job_id} ended, {i.reason}; see its log in the run's logs/")
+            continue
         lines.append(f"FAILED: {i.stage} job {i.job_id} ({i.state}, exit {i.exit_code}); log: {i.log}")
     if never:
         names = ", ".join(f"{i.stage} ({i.job_id})" for i in never)

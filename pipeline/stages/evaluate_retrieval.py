@@ -124,4 +124,5 @@ def evaluate_retrieval(
         logger.info("wrote %s (%.1f s)", out / "eval" / f"{stem}.json", report["time_s"])
     if world > 1:
         dist.barrier()
+        dist.destroy_process_group()  # a clean exit for every rank (srun --kill-on-bad-exit)
     return report

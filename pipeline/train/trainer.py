@@ -55,10 +55,10 @@ from tqdm import tqdm
 
 from model.distributed import all_gather_no_grad
 from pipeline.config import LoggingConfig, OptimConfig, TrainConfig
-from pipeline.runtime import checkpoint
+from pipeline.runtime import checkpoint, preemption
 from pipeline.runtime.distributed import DistInfo, device_for
 from pipeline.runtime.ds_config import precision_of
-from pipeline.runtime.exit_codes import FINISHED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from pipeline.runtime.exit_codes import CONFIG_ERROR_EXIT_CODE, FINISHED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from pipeline.runtime.io import torch_load_weights_only
 from pipeline.runtime.preemption import PreemptionHandler
 from pipeline.runtime.seeds import derive_seed
@@ -125,6 +125,7 @@ class Trainer:
         self.state = RunState()
         self.engine: Any = None
         self.preemption = PreemptionHandler()
+        self.preempt_marker = preemption.marker_path()  # the sbatch scripts requeue when it exists
         self.geometry = geometry
         self.steps_per_epoch = geometry.steps_per_epoch
         self.total_steps = geometry.total_steps
@@ -256,6 +257,7 @@ class Trainer:
             self.client_state(),
             keep_last=keep,
             is_main=self.dist.is_main,
+            world_size=self.dist.world_size,
             latest=latest,
         )
 
@@ -267,9 +269,18 @@ class Trainer:
         try:
             if self.engine is None:
                 self.setup()
-            self.resume(resume)
+            try:
+                self.resume(resume)
+            except checkpoint.ResumeError as err:
+                logger.error("%s", err)
+                return CONFIG_ERROR_EXIT_CODE
             tb.text("config", _yaml(self.resolved_config))
-            return self._loop(tb)
+            code = self._loop(tb)
+            # Leave the process group cleanly (NCCL warns otherwise, and a rank still in
+            # teardown when srun reaps the step is reported as killed).
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            return code
         finally:
             tb.close()
             self.preemption.uninstall()
@@ -321,11 +332,12 @@ class Trainer:
                 )
             if self.state.step % self.log_cfg.log_every_steps == 0 or self.state.step == self.total_steps or stop:
                 self._log(window, tb)
-            if self.state.step % self.steps_per_epoch == 0:
-                self._validate(tb)
+            if self.state.step % self.steps_per_epoch == 0 and self._validate(tb):
+                stop = True  # a stop signal arrived during validation
             if self.state.step % self.train_cfg.save_every_steps == 0 or self.state.step == self.total_steps or stop:
                 self.save()
             if stop:
+                self._mark_preempted()
                 logger.warning(
                     "preempted: checkpoint saved at step %d, exiting %d", self.state.step, PREEMPTED_EXIT_CODE
                 )
@@ -334,6 +346,13 @@ class Trainer:
             progress.close()
         logger.info("finished: %d steps", self.state.step)
         return FINISHED_EXIT_CODE
+
+    def _mark_preempted(self) -> None:
+        """Rank 0 writes the requeue marker after the committed save; no rank exits before it exists."""
+        if self.dist.is_main and self.preempt_marker is not None:
+            preemption.write_marker(self.preempt_marker, self.state.step, self.preemption.received)
+        if dist.is_initialized():
+            dist.barrier()
 
     def _context(self, micro: int) -> StepContext:
         step = self.state.step
@@ -446,12 +465,21 @@ class Trainer:
             tb.flush()
             logger.info(console_line(self.state.step, self.total_steps, self.state.step / self.steps_per_epoch, values))
 
-    def _validate(self, tb: TBLogger) -> None:
-        with self._autocast():  # same precision regime as training; the task chooses no_grad/eval
-            metrics = self.task.validate(self.engine.module, self._context(0))
-        self.engine.train()  # whatever mode validation left the module in
+    def _validate(self, tb: TBLogger) -> bool:
+        """Validate (and save `best`); returns True when a stop signal interrupted it."""
+        poll = preemption.StopPoll(self.preemption, self.device, self.dist.world_size)
+        try:
+            # The evaluation polls the stop flag between batches (collectively), so a signal
+            # during a long validation is acted on within a batch, not after the whole split.
+            with self._autocast(), preemption.polling(poll):  # same precision regime as training
+                metrics = self.task.validate(self.engine.module, self._context(0))
+        except preemption.StopRequested:
+            logger.warning("validation at step %d interrupted by a stop signal", self.state.step)
+            return True
+        finally:
+            self.engine.train()  # whatever mode validation left the module in
         if not metrics:
-            return
+            return False
         tb.scalars({f"val/{k}": v for k, v in metrics.items()}, self.state.step)
         if self.dist.is_main:
             logger.info(
@@ -465,6 +493,7 @@ class Trainer:
         ):
             self.state.best_value = float(metrics[best])
             self.save(tag=checkpoint.BEST_TAG, latest=False)
+        return False
 
     def _progress_bar(self) -> Any:
         mode = self.log_cfg.progress_bar

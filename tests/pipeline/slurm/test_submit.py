@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,13 @@ def write_settings(tmp_path: Path, **extra: object) -> Path:
     (tmp_path / "ft.yaml").write_text("{}\n")
     settings = {
         "run_dir": str(tmp_path / "run"),
-        "cluster": {"partition": "gpu", "account": "proj1", "sbatch_args": ["--constraint=a100"]},
+        "cluster": {
+            "partition": "gpu",
+            "account": "proj1",
+            "sbatch_args": ["--constraint=a100"],
+            "cpu_partition": "cpu",
+            "cpu_sbatch_args": ["--mem-per-cpu=2G"],
+        },
         "prep": {
             "resources": {"cpus_per_task": 4, "time": "02:00:00", "max_parallel": 2},
             "sources": [
@@ -73,13 +81,14 @@ def test_dry_run_prints_the_exact_sbatch_lines(tmp_path: Path, capsys: pytest.Ca
     out = capsys.readouterr().out.splitlines()
     run, s, t = tmp_path / "run", SLURM_TEMPLATE_DIR, tmp_path
     site = "--partition=gpu --account=proj1 --constraint=a100"
+    cpu_site = "--partition=cpu --account=proj1 --mem-per-cpu=2G"  # GPU options never reach CPU jobs
     export = "--export=ALL,ALBEF_CMD=albef"
     expected = [
-        f"prep=$(sbatch --parsable --job-name=albef-prep --output={run}/logs/%x-%A_%a.out --array=1-3%2 {site} "
+        f"prep=$(sbatch --parsable --job-name=albef-prep --output={run}/logs/%x-%A_%a.out --array=1-3%2 {cpu_site} "
         f"--nodes=1 --ntasks-per-node=1 --cpus-per-task=4 --time=02:00:00 {export} {s}/prep.sbatch "
         f"{run}/slurm/prep_tasks.tsv)",
         f"prep_check=$(sbatch --parsable --job-name=albef-prep-check --output={run}/logs/%x-%j.out "
-        f"--dependency=afterok:$prep {site} --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --time=00:10:00 "
+        f"--dependency=afterok:$prep {cpu_site} --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --time=00:10:00 "
         f"{export} {s}/prep_check.sbatch {run}/slurm/prep_tasks.tsv)",
         f"pretrain=$(sbatch --parsable --job-name=albef-pretrain --output={run}/logs/%x-%j.out "
         f"--dependency=afterok:$prep_check {site} --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 --cpus-per-task=8 "
@@ -87,25 +96,38 @@ def test_dry_run_prints_the_exact_sbatch_lines(tmp_path: Path, capsys: pytest.Ca
         f'--train.max_steps=10 \'--data.train=["{run}/prep/toy/part-000", "{run}/prep/toy/part-001"]\')',
         f"finetune=$(sbatch --parsable --job-name=albef-finetune --output={run}/logs/%x-%j.out "
         f"--dependency=afterok:$pretrain {site} --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --time=01:00:00 "
-        f"--signal=B:USR1@120 {export} {s}/finetune.sbatch {run}/finetune {t}/ft.yaml {run}/pretrain "
+        f"--signal=B:USR1@300 {export} {s}/finetune.sbatch {run}/finetune {t}/ft.yaml {run}/pretrain "
         f"--data.val={run}/prep/toy_test)",
         f"eval=$(sbatch --parsable --job-name=albef-eval --output={run}/logs/%x-%A_%a.out "
         f"--dependency=afterok:$finetune --array=1-2 {site} --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 "
         f"--time=01:00:00 {export} {s}/eval.sbatch {run}/slurm/eval_tasks.tsv)",
     ]
-    assert [line for line in out if not line.startswith(("#", "warning:"))] == expected
+    assert [line for line in out if not line.startswith(("#", "warning:", "mkdir ", "printf "))] == expected
     assert [j.job_id for j in jobs] == [None] * 5
+    assert not run.exists()  # a dry run writes nothing; its snippet writes the task lists
+    _run_snippet("\n".join(out), tmp_path)
     # The array task lists the lines point at: one `albef prep` / `albef evaluate` argv per line.
     assert (run / "slurm" / "prep_tasks.tsv").read_text().splitlines() == [
         f"cc3m\t--input={t}/a.tsv\t--output={run}/prep/toy/part-000\t--processes=4",
         f"cc3m\t--input={t}/b.tsv\t--output={run}/prep/toy/part-001\t--processes=4",
         f"flickr30k\t--input={t}/k.json\t--output={run}/prep/toy_test\t--processes=4\t--split=test\t--image_root={Path.cwd() / 'img'}",
     ]
-    assert (run / "slurm" / "eval_tasks.tsv").read_text().splitlines() == [
-        f"--checkpoint={run}/finetune\t--data={run}/prep/toy_test\t--output_dir={run}/finetune\t--k_test=16",
+    assert (run / "slurm" / "eval_tasks.tsv").read_text().splitlines() == [  # fine-tuning validates: its `best`
+        f"--checkpoint={run}/finetune/checkpoints/best\t--data={run}/prep/toy_test\t--output_dir={run}/finetune\t--k_test=16",
         f"--checkpoint={run}/pretrain\t--data={run}/prep/toy_test\t--output_dir={run}/pretrain\t--k_test=16",
     ]
     assert not (run / "slurm" / "submission.json").exists()
+
+
+def _run_snippet(snippet: str, tmp_path: Path) -> None:
+    """Run a --dry_run snippet with a fake sbatch (prints an id): it must be valid bash."""
+    bin_dir = tmp_path / "fake_bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "sbatch").write_text("#!/bin/bash\necho 42\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", snippet], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_dry_run_of_a_partial_chain_has_no_dangling_dependency(
@@ -118,7 +140,7 @@ def test_dry_run_of_a_partial_chain_has_no_dangling_dependency(
         dry_run=True,
         overrides={"pretrain.resources.nodes": 1, "finetune.checkpoint": "/ckpt/official.pth"},
     )
-    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(("#", "warning:"))]
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(("#", "warning:", "mkdir"))]
     assert [line.split("=", 1)[0] for line in lines] == ["pretrain", "finetune"]  # pipeline order
     assert "--dependency" not in lines[0] and "--nodes=1 " in lines[0]
     assert "--dependency=afterok:$pretrain " in lines[1] and " /ckpt/official.pth " in lines[1]
