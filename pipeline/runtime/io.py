@@ -120,6 +120,7 @@ class LoadedCheckpoint:
     step: int | None  # optimizer step when known
     kind: str  # "deepspeed" | "file"
     source: str  # the file or tag folder read
+    eval_image_res: int | None = None  # px, the resolution its run evaluates at (pretraining: model.eval_image_res)
 
 
 def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
@@ -128,7 +129,10 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     if p.is_dir():
         state, client = read_deepspeed_state(p)
         run = client.get("run") or {}
-        return LoadedCheckpoint(state, client.get("model_config"), run.get("step"), "deepspeed", client["source"])
+        res = client.get("eval_image_res")
+        return LoadedCheckpoint(
+            state, client.get("model_config"), run.get("step"), "deepspeed", client["source"], _int_or_none(res)
+        )
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p} (expected a run folder, a tag folder or a file)")
     if p.suffix == ".safetensors":
@@ -141,7 +145,12 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     step = meta.get("step") if isinstance(meta.get("step"), int) else None
     config = raw.get("model_config") if isinstance(raw.get("model_config"), dict) else None
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    return LoadedCheckpoint(tensors, config, step, "file", str(p))
+    res = raw.get("eval_image_res") if isinstance(raw, dict) else None
+    return LoadedCheckpoint(tensors, config, step, "file", str(p), _int_or_none(res))
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _sidecar_config(path: Path) -> dict[str, Any] | None:
@@ -181,6 +190,10 @@ def read_deepspeed_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
                 )
             module[key] = master[key].detach().float()
         logger.info("replaced %d half-precision parameters by their fp32 master weights", len(half))
-    client = {k: v for k, v in states.items() if k in ("run", "data", "config", "model_config", "task", "world_size")}
+    client = {
+        k: v
+        for k, v in states.items()
+        if k in ("run", "data", "config", "model_config", "eval_image_res", "task", "world_size")
+    }
     client["source"] = str(ckpt_dir / tag)
     return module, client

@@ -10,7 +10,8 @@ are rounded copies, so the trainable ones are replaced by the fp32 master weight
 the ZeRO partitions (rebuilt weights-only in pipeline/runtime/checkpoint.py): the export is the full-precision model.
 
 File contents: 'model' (the state dict, our layout or the official one via model/convert.py
-`to_official`), 'model_config' (ALBEFConfig as a dict, to rebuild the model), 'meta' (layout,
+`to_official`), 'model_config' (ALBEFConfig as a dict, to rebuild the model), 'eval_image_res' (px the
+run's zero-shot evaluation uses; pretraining runs), 'meta' (layout,
 source checkpoint, step). Written to a temporary name, then renamed.
 """
 
@@ -40,6 +41,7 @@ def export(checkpoint: str, output: str, layout: Layout = "ours") -> str:
         loaded = read_checkpoint(src)
         meta = dict(data.get("meta", {})) if isinstance(data, dict) else {}
         state, model_config, step, source = loaded.state_dict, loaded.model_config, loaded.step, str(src)
+        eval_image_res = loaded.eval_image_res
         if meta.get("layout") == "official":
             if model_config is None:
                 raise ValueError(f"{src}: an official-layout export without its model_config cannot be converted")
@@ -47,10 +49,12 @@ def export(checkpoint: str, output: str, layout: Layout = "ours") -> str:
     else:
         state, client = read_deepspeed_state(src)
         model_config, step, source = client.get("model_config"), (client.get("run") or {}).get("step"), client["source"]
+        eval_image_res = client.get("eval_image_res")
     out_state = to_official(state) if layout == "official" else state
     payload = {
         "model": out_state,
         "model_config": model_config,
+        "eval_image_res": eval_image_res,  # px the run evaluates at (None: its model resolution)
         "meta": {"layout": layout, "source": source, "step": step},
     }
     out = torch_save_atomic(output, payload)
