@@ -88,6 +88,8 @@ def build(args: argparse.Namespace) -> tuple:
 
     data = args.data if args.data != "synthetic" else "/unused"
     overrides = {"data.train": f"[{data}]", "model.image_res": args.image_res, "train.batch_size": args.batch_size}
+    # Speed does not depend on the initial weights: random init, no DeiT/BERT download on the bench machine.
+    overrides.update({"model.init": "scratch", "model.vision_weights": None, "model.text_weights": None})
     if args.ds:
         overrides["deepspeed.config"] = args.ds
     if args.queue_size:

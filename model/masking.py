@@ -1,7 +1,9 @@
 """BERT-style MLM masking as a pure function (the pipeline's collate calls it, not the model).
 
-Draw order and probabilities follow the official ALBEF `mask()`: masked ~ Bernoulli(p), never on special
-tokens; of those, 80% -> [MASK], half of the rest (10%) -> a uniformly random token id, 10% unchanged.
+Draw order and probabilities follow the official ALBEF `mask()`: masked ~ Bernoulli(p), never on the ids
+the caller lists (the official code excludes only [PAD] and [CLS]: [SEP] is masked like any word, so
+pretraining passes those two); of the masked, 80% -> [MASK], half of the rest (10%) -> a uniformly random
+token id, 10% unchanged.
 Labels are the original ids at masked positions and -100 elsewhere (ignored by the loss).
 """
 
@@ -54,7 +56,7 @@ def mask_tokens(
         input_ids: [B, L] token ids (int64); not modified.
         vocab_size: random replacement ids are drawn from [0, vocab_size).
         mask_token_id: id of [MASK].
-        special_token_ids: ids never masked ([PAD], [CLS], [SEP], ...).
+        special_token_ids: ids never masked (official: [PAD] and [CLS]; [SEP] stays maskable).
         probability: fraction of (non-special) tokens selected.
         generator: torch RNG for reproducible masking (None = the global RNG, as the official code).
     Returns: (mlm_input_ids [B, L], mlm_labels [B, L] with -100 where not masked).

@@ -29,6 +29,7 @@ def build_model_config(section: ModelConfig, seed: int, prefix: str = "model") -
             momentum=section.momentum,
             temp=section.temp,
             mlm_probability=section.mlm_probability,
+            momentum_dropout=section.momentum_dropout,
             queue_seed=seed,
         )
     except ValueError as err:

@@ -27,16 +27,16 @@ class ModelConfig:
     momentum: float = 0.995  # EMA coefficient m of the momentum encoders
     temp: float = 0.07  # initial ITC temperature (learned, clamped to [0.001, 0.5])
     mlm_probability: float = 0.15  # fraction of text tokens masked for MLM
-    vision_weights: str | None = None  # DeiT-B/16 checkpoint to initialise the ViT; None = random init
-    text_weights: str | None = None  # bert-base-uncased weights (dir or file); None = random init
+    # Whether the momentum (teacher) encoders follow the model's train/eval mode. true = the official
+    # code: the teacher runs with dropout during training, so its ITC/MLM distillation targets are
+    # noisy like the student's (the paper's numbers were obtained this way). false = the teacher always
+    # runs in eval mode, giving deterministic targets (a dinov2-style teacher; used by the tiny configs).
+    momentum_dropout: bool = True
 
     def validate(self, prefix: str) -> None:
         # Range checks live with the model (model/config.py); building its config runs them and
         # reports a bad value under this section's key.
         build_model_config(self, seed=0, prefix=prefix)
-        for name in ("vision_weights", "text_weights"):
-            path = getattr(self, name)
-            check(path is None or Path(path).exists(), f"{prefix}.{name}", f"file not found: {path}")
 
 
 @dataclass
@@ -44,8 +44,11 @@ class DataConfig:
     """Training shards (outputs of `albef prep`) and the loader's knobs."""
 
     train: list[str] = field(default_factory=list)  # `albef prep` output folders (each holds manifest.json)
-    weights: list[float] | None = None  # per-source sampling weights; None = proportional to size
-    samples_per_epoch: int | None = None  # images per epoch; None = sum of the manifests' num_samples
+    # Per-source mixing weights (relative), drawn sample by sample inside every batch; None = each
+    # source's image-caption pairs (its manifest's num_captions), as the official code, whose training
+    # json has one entry per caption (an image is drawn with one of its captions at random).
+    weights: list[float] | None = None
+    samples_per_epoch: int | None = None  # image-caption pairs per epoch; None = sum of the manifests' num_captions
     num_workers: int = 4  # loader worker processes per rank
     shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
     max_words: int = 30  # pre_caption word cut
@@ -85,8 +88,12 @@ class TrainConfig:
 
     batch_size: int = 64  # images per GPU per micro-step
     grad_accum_steps: int = 1  # micro-steps per optimizer step
-    epochs: int = 30  # used when max_steps is None
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    epochs: int = 30  # run length in epochs (of data.samples_per_epoch) when max_steps is None
+    # Optimizer steps of the run. When set it replaces epochs everywhere the run length matters: the
+    # LR schedule decays to optim.min_lr exactly at max_steps (a shortened run gets the whole schedule,
+    # not the first part of the epochs' one). Epoch boundaries (validation, the alpha ramp) still count
+    # data epochs. The start-up geometry table says which of the two defined the schedule.
+    max_steps: int | None = None
     seed: int = 42  # seeds model init, the data stream and every step's RNG
     save_every_steps: int = 2000  # optimizer steps between checkpoints (plus one at the end)
     keep_last: int = 3  # checkpoints kept (older tags deleted)
@@ -127,11 +134,18 @@ class TrainConfig:
 class OptimConfig:
     """AdamW + LR schedule (a pure function of the optimizer step; see pipeline/train/schedule.py)."""
 
+    # cosine: linear warm-up over warmup_steps, then a cosine in the optimizer step to min_lr at the
+    # run's last step (the paper's pretraining). per_epoch_cosine: the official Retrieval.py: epoch 0
+    # at lr (after the warm-up, if any), epoch e >= 1 at the cosine value of e / epochs, constant
+    # within an epoch (the paper's fine-tuning).
+    schedule: Literal["cosine", "per_epoch_cosine"] = "cosine"
     lr: float = 1e-4  # peak LR after warm-up
     warmup_lr: float = 1e-5  # LR at step 0, rising linearly to lr
     min_lr: float = 1e-5  # LR at the last step (cosine floor)
     warmup_steps: int = 2000  # optimizer steps of linear warm-up
-    weight_decay: float = 0.02  # AdamW decoupled decay; never on biases or other 1-D params
+    weight_decay: float = (
+        0.02  # AdamW decoupled decay; none on biases and 1-D params (0-d temp IS decayed, as official)
+    )
     betas: tuple[float, float] = (0.9, 0.999)  # Adam moment coefficients
     eps: float = 1e-8  # Adam epsilon
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (the paper)

@@ -7,9 +7,13 @@ Steps are grouped in segments of K = `segment_steps` steps: segment s covers glo
 of DataLoader workers, 1 when num_workers=0), and slot v's batches are, in order, those of the
 independent stream
 
-    resampled shards (weighted by source) -> tar samples -> shuffle buffer -> decode+augment -> batch
+    per source: its shards resampled by size -> tar samples -> its shuffle buffer  (one sub-stream each)
+    -> per sample: source drawn by weight, next sample of that sub-stream -> decode+augment -> batch
 
-whose every random draw comes from generators seeded by derive_seed(seed, s, r, v). So the batch at
+whose every random draw comes from generators seeded by derive_seed(seed, s, r, v). Drawing the source
+sample by sample (not shard by shard) makes every batch a mix of the sources in proportion to their
+weights, as the official code's globally shuffled per-caption list does, so in-batch and hard negatives
+come from all sources; each source's buffer holds its weight's share of `shuffle_buffer`. So the batch at
 global step g is fixed by (seed, g, rank) and the set-up (manifests, weights, world size, workers,
 batch size, K, buffer size, transforms). A loader started at any `start_step` g0 reproduces exactly
 what an uninterrupted run yields from g0 on: DataLoader worker w serves steps g0 + w, g0 + w + W, ...
@@ -45,6 +49,7 @@ supported (start at step 0 of an epoch).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import random
@@ -61,7 +66,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import stages
-from pipeline.data.manifest import Source, load_sources, shard_distribution
+from pipeline.data.manifest import Source, load_sources, shard_distribution, source_shares
 from pipeline.data.transforms import EvalTransform, build_train_transform, limit_threads
 from pipeline.runtime.seeds import derive_seed
 
@@ -138,13 +143,12 @@ class TrainStream(IterableDataset):
     def _slot_batches(self, segment: int, slot: int) -> Iterator[dict]:
         cfg = self.cfg
         base = derive_seed(self.seed, segment, cfg.rank, slot)
-        shard_rng, shuffle_rng, aug_rng = (random.Random(derive_seed(base, k)) for k in range(3))
-        shards, probs = shard_distribution(cfg.sources)
+        mix_rng, aug_rng = random.Random(derive_seed(base, 3)), random.Random(derive_seed(base, 2))
         counter = stages.SkipCounter(cfg.max_consecutive_bad)
+        shares = source_shares(cfg.sources)
+        streams = [self._source_samples(base, i, share, counter) for i, share in enumerate(shares)]
         pipeline = wds.DataPipeline(
-            lambda: stages.resampled_shards(shards, probs, shard_rng),  # endless weighted shard draws
-            partial(stages.expand_shards, counter=counter),  # raw samples, tar errors counted
-            *_shuffle_stage(cfg.shuffle_buffer, shuffle_rng),  # sample order mixed across shards
+            lambda: mix_sources(streams, shares, mix_rng),  # raw samples, each one's source drawn by weight
             partial(
                 stages.decode_train, transform=cfg.transform, rng=aug_rng, counter=counter, max_words=cfg.max_words
             ),  # decoded + augmented, bad samples dropped
@@ -153,6 +157,23 @@ class TrainStream(IterableDataset):
             ),  # full batches only
         )
         return iter(pipeline)
+
+    def _source_samples(self, base: int, index: int, share: float, counter: stages.SkipCounter) -> Iterator[dict]:
+        """Endless raw samples of source `index`: its shards drawn by size (every sample of the source
+        equally likely), read in turn, mixed in a buffer of the source's share of `shuffle_buffer`."""
+        source = self.cfg.sources[index]
+        # Source 0 keeps the seeds of the former one-stream layout: a single-source stream is unchanged.
+        seeds = (
+            (derive_seed(base, 0), derive_seed(base, 1))
+            if index == 0
+            else (derive_seed(base, 3, index, 0), derive_seed(base, 3, index, 1))
+        )
+        shard_rng, shuffle_rng = (random.Random(seed) for seed in seeds)
+        probs = [shard.samples / source.num_samples for shard in source.shards]
+        samples = stages.expand_shards(stages.resampled_shards(source.shards, probs, shard_rng), counter)
+        for stage in _shuffle_stage(max(1, round(self.cfg.shuffle_buffer * share)), shuffle_rng):
+            samples = stage(samples)
+        return samples
 
     def _resampled(self, w: int, num_workers: int) -> Iterator[dict]:
         k, g0 = self.segment_steps, self.start_step
@@ -216,6 +237,18 @@ class EvalStream(IterableDataset):
                 ),
             )
         )
+
+
+def mix_sources(streams: Sequence[Iterator[dict]], probs: Sequence[float], rng: random.Random) -> Iterator[dict]:
+    """Endless samples, each taken from stream i with probability probs[i] (one seeded draw per sample).
+
+    After: the source of every sample is an independent draw, so the source counts of a batch of B
+    follow a multinomial(B, probs).
+    """
+    cum = list(itertools.accumulate(probs))
+    indices = range(len(streams))
+    while True:
+        yield next(streams[rng.choices(indices, cum_weights=cum, k=1)[0]])
 
 
 def _shuffle_stage(bufsize: int, rng: random.Random) -> list:

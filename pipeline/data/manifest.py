@@ -84,7 +84,9 @@ def _load_source(path: str | Path, index: int, weight: float | None) -> Source:
     num_samples = sum(s.samples for s in shards)
     if num_samples == 0:
         raise ValueError(f"{p}: manifest lists no samples")
-    w = float(num_samples) if weight is None else float(weight)
+    # Every stored sample has at least one caption; a manifest without the count (or with 0) counts one each.
+    num_captions = max(int(data.get("num_captions") or 0), num_samples)
+    w = float(num_captions) if weight is None else float(weight)
     if not w > 0:
         raise ValueError(f"{p}: source weight must be > 0, got {weight!r}")
     return Source(
@@ -93,13 +95,14 @@ def _load_source(path: str | Path, index: int, weight: float | None) -> Source:
         split=data.get("split"),
         shards=tuple(shards),
         num_samples=num_samples,
-        num_captions=int(data.get("num_captions", num_samples)),
+        num_captions=num_captions,
         weight=w,
     )
 
 
 def load_sources(manifests: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[Source]:
-    """Read every manifest; `weights` (one per manifest) default to the sources' sample counts."""
+    """Read every manifest; `weights` (one per manifest) default to the sources' image-caption pairs
+    (num_captions): the official code samples captions uniformly, so a source's share is its pair count."""
     if isinstance(manifests, (str, Path)):
         manifests = [manifests]
     if not manifests:
@@ -110,13 +113,20 @@ def load_sources(manifests: Sequence[str | Path], weights: Sequence[float] | Non
     total_w = sum(s.weight for s in sources)
     for s in sources:
         logger.info(
-            "source %s: %d shards, %d samples, mixing weight %.3f",
+            "source %s: %d shards, %d images, %d pairs, mixing weight %.3f",
             s.name,
             len(s.shards),
             s.num_samples,
+            s.num_captions,
             s.weight / total_w,
         )
     return sources
+
+
+def source_shares(sources: Sequence[Source]) -> list[float]:
+    """Each source's probability of supplying a training sample: its weight over the total (sums to 1)."""
+    total_w = sum(s.weight for s in sources)
+    return [s.weight / total_w for s in sources]
 
 
 def shard_distribution(sources: Sequence[Source]) -> tuple[list[Shard], list[float]]:

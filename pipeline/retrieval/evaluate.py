@@ -53,7 +53,9 @@ class EvalConfig:
     max_words: int = 30  # pre_caption word cut
     max_tokens: int = 30  # tokenizer max length (official eval: 30)
     num_workers: int = 4  # loader worker processes
-    image_res: int | None = None  # px; None = the checkpoint's model resolution (pos-embed resampled otherwise)
+    # px; None = the resolution the checkpoint's run evaluates at (a pretraining run: its model.eval_image_res,
+    # the paper's 384 for zero-shot), else its model resolution; position embeddings resampled when they differ
+    image_res: int | None = None
     preset: Literal["auto", "tiny", "base"] = "auto"  # model size when the checkpoint carries no config
     precision: Precision = "auto"  # auto = fp16 on a GPU, fp32 on the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -90,7 +92,14 @@ def load_eval_config(k_test: int | None, overrides: Mapping[str, Any] | None) ->
 
 
 def infer_model_config(loaded: LoadedCheckpoint, preset: str, image_res: int | None) -> Any:
-    """The checkpoint's own ALBEFConfig, else a preset chosen by `preset` or by the ViT width."""
+    """The checkpoint's own ALBEFConfig, else a preset chosen by `preset` or by the ViT width.
+
+    The resolution is `image_res` when given, else the one the checkpoint's run evaluates at
+    (`loaded.eval_image_res`: a pretraining run's model.eval_image_res), else the model's own.
+    """
+    if image_res is None and loaded.eval_image_res is not None:
+        image_res = loaded.eval_image_res
+        logger.info("evaluating at %d px, the resolution the checkpoint's run evaluates at", image_res)
     if loaded.model_config is not None and preset == "auto":
         cfg = from_dict(ALBEFConfig, dict(loaded.model_config), "model_config")
     else:

@@ -142,6 +142,7 @@ class LoadedCheckpoint:
     # What else it says about itself: an export's `meta` (layout, source, card facts) or a DeepSpeed
     # tag's client state (run, data, config, task...).
     meta: dict[str, Any] = field(default_factory=dict)
+    eval_image_res: int | None = None  # px, the resolution its run evaluates at (pretraining: model.eval_image_res)
 
 
 def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
@@ -150,13 +151,16 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     if p.is_dir():
         state, client = read_deepspeed_state(p)
         run = client.get("run") or {}
-        step = run.get("step")
-        return LoadedCheckpoint(state, client.get("model_config"), step, "deepspeed", client["source"], client)
+        res = _int_or_none(client.get("eval_image_res"))
+        return LoadedCheckpoint(
+            state, client.get("model_config"), run.get("step"), "deepspeed", client["source"], client, res
+        )
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p} (expected a run folder, a tag folder or a file)")
     if p.suffix == ".safetensors":
         config, meta = _sidecar(p)
-        return LoadedCheckpoint(read_state_dict(p), config, _int_or_none(meta.get("step")), "file", str(p), meta)
+        step, res = _int_or_none(meta.get("step")), _int_or_none(meta.get("eval_image_res"))
+        return LoadedCheckpoint(read_state_dict(p), config, step, "file", str(p), meta, res)
     raw = torch_load_weights_only(p)
     sd = raw.get("model", raw) if isinstance(raw, dict) else None
     if not isinstance(sd, dict):
@@ -164,7 +168,8 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
     config = raw.get("model_config") if isinstance(raw.get("model_config"), dict) else None
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    return LoadedCheckpoint(tensors, config, _int_or_none(meta.get("step")), "file", str(p), meta)
+    res = _int_or_none(raw.get("eval_image_res")) or _int_or_none(meta.get("eval_image_res"))
+    return LoadedCheckpoint(tensors, config, _int_or_none(meta.get("step")), "file", str(p), meta, res)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -214,7 +219,7 @@ def read_deepspeed_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     client = {
         k: v
         for k, v in states.items()
-        if k in ("run", "data", "config", "model_config", "task", "world_size", "initial_checkpoint")
+        if k in ("run", "data", "config", "model_config", "eval_image_res", "task", "world_size", "initial_checkpoint")
     }
     client["source"] = str(ckpt_dir / tag)
     return module, client

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -75,8 +75,9 @@ class RetrievalTrainConfig(TrainConfig):
 
 @dataclass
 class RetrievalOptimConfig(OptimConfig):
-    """AdamW, lr 1e-5 cosine to 1e-6, no warm-up (the official warm-up LR equals the LR)."""
+    """AdamW, lr 1e-5 cosine to 1e-6 stepped per epoch, no warm-up (the official warm-up LR equals the LR)."""
 
+    schedule: Literal["cosine", "per_epoch_cosine"] = "per_epoch_cosine"  # official Retrieval.py (see OptimConfig)
     lr: float = 1e-5
     warmup_lr: float = 1e-5
     min_lr: float = 1e-6
@@ -92,15 +93,6 @@ class RetrievalConfig(TrainingStageConfig):
     train: RetrievalTrainConfig = field(default_factory=RetrievalTrainConfig)
     optim: RetrievalOptimConfig = field(default_factory=RetrievalOptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def validate(self, prefix: str = "") -> None:
-        super().validate(prefix)
-        for name in ("vision_weights", "text_weights"):
-            check(
-                getattr(self.model, name) is None,
-                f"model.{name}",
-                "fine-tuning initialises from --checkpoint, not from DeiT/BERT weights",
-            )
 
 
 class RetrievalTask(AlbefTask):

@@ -23,7 +23,8 @@ from model.albef import ALBEFBase
 from model.config import ALBEFConfig
 from model.heads.base import TaskModel
 from pipeline.config import build_model_config
-from pipeline.data import build_train_loader, load_sources
+from pipeline.data import Source, build_train_loader, load_sources
+from pipeline.data.manifest import source_shares
 from pipeline.data.text import build_tokenizer
 from pipeline.train.task import StepContext, StepOutput, TrainTask
 
@@ -32,12 +33,14 @@ class AlbefTask(TrainTask):
     """EMA before each optimizer step, losses and metrics from the model output, queue update after backward."""
 
     finetune: bool = False  # train crop scale: (0.2, 1) pretraining, (0.5, 1) fine-tuning
-    epoch_counts: Literal["images", "captions"] = "images"  # what `samples_per_epoch` sums over the manifests
+    # What `samples_per_epoch` sums over the manifests: image-caption pairs (num_captions) as the official
+    # code's per-caption json for pretraining and fine-tuning alike, or images (num_samples).
+    epoch_counts: Literal["images", "captions"] = "captions"
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.data.vocab)
-        self._samples: int | None = None
+        self._sources: list[Source] | None = None
 
     # -- what a stage provides -------------------------------------------------------------------------
     def model_inputs(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -48,13 +51,21 @@ class AlbefTask(TrainTask):
     def model_config(self) -> ALBEFConfig:
         return build_model_config(self.cfg.model, seed=self.cfg.train.seed)
 
+    def sources(self) -> list[Source]:
+        """The training manifests, read once (OSError/ValueError for a missing or bad one)."""
+        if self._sources is None:
+            self._sources = load_sources(self.cfg.data.train, self.cfg.data.weights)
+        return self._sources
+
     def samples_per_epoch(self) -> int:
-        if self._samples is None:
-            d = self.cfg.data
-            sources = load_sources(d.train, d.weights)
-            counted = sum(s.num_captions if self.epoch_counts == "captions" else s.num_samples for s in sources)
-            self._samples = d.samples_per_epoch or counted
-        return self._samples
+        counted = sum(s.num_captions if self.epoch_counts == "captions" else s.num_samples for s in self.sources())
+        return self.cfg.data.samples_per_epoch or counted
+
+    def epoch_unit(self) -> str:
+        return "image-caption pairs" if self.epoch_counts == "captions" else "images"
+
+    def source_shares(self) -> list[tuple[str, float]]:
+        return [(s.name, share) for s, share in zip(self.sources(), source_shares(self.sources()))]
 
     def queue_size(self) -> int | None:
         return self.cfg.model.queue_size

@@ -7,6 +7,7 @@ start as a small table and stored in every checkpoint's client state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,14 +25,18 @@ class TrainGeometry:
     grad_accum_steps: int  # micro-steps per optimizer step
     global_batch: int  # images per optimizer step, all ranks
     gathered_batch: int  # features enqueued per micro-step (micro_batch x world_size)
-    samples_per_epoch: int  # images (or image-caption pairs, as the task counts) per epoch
+    samples_per_epoch: int  # samples per epoch, in `epoch_unit`
     steps_per_epoch: int  # optimizer steps per epoch (full global batches only)
-    total_steps: int  # optimizer steps of the run
+    total_steps: int  # optimizer steps of the run = the LR schedule's length
     warmup_steps: int  # optimizer steps of LR warm-up
     alpha_ramp_steps: int  # optimizer steps over which alpha rises from 0
     save_every_steps: int  # optimizer steps between checkpoints
     segment_steps: int  # data-stream segment, in micro-steps (a resume restarts at a segment start)
     queue_size: int | None  # ITC queue columns (None: the task has no queue)
+    schedule_from: str = "train.epochs"  # what set total_steps: "train.max_steps" or "train.epochs"
+    lr_schedule: str = "cosine"  # optim.schedule
+    epoch_unit: str = "samples"  # what an epoch counts ("image-caption pairs" for ALBEF)
+    source_shares: tuple[tuple[str, float], ...] = ()  # (source name, share of the samples), the data mix
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -46,9 +51,11 @@ class TrainGeometry:
             ("batch / rank / micro-step", f"{self.micro_batch}"),
             ("accumulation", f"{self.grad_accum_steps}"),
             ("global batch", f"{self.global_batch}"),
-            ("samples / epoch", f"{self.samples_per_epoch:,}"),
+            ("epoch", f"{self.samples_per_epoch:,} {self.epoch_unit}"),
+            *[(f"  share of {name}", f"{share:.1%}") for name, share in self.source_shares],
             ("steps / epoch", f"{self.steps_per_epoch:,}"),
             ("total steps", f"{self.total_steps:,} ({self.total_steps / self.steps_per_epoch:.2f} epochs)"),
+            ("lr schedule", f"{self.lr_schedule} over {self.total_steps:,} steps (length set by {self.schedule_from})"),
             ("warm-up steps", f"{self.warmup_steps:,}"),
             ("alpha ramp steps", f"{self.alpha_ramp_steps:,}"),
             ("checkpoint every", f"{self.save_every_steps:,} steps"),
@@ -69,8 +76,14 @@ def derive_geometry(
     world_size: int,
     samples_per_epoch: int,
     queue_size: int | None = None,
+    epoch_unit: str = "samples",
+    source_shares: Sequence[tuple[str, float]] = (),
 ) -> TrainGeometry:
-    """All counts of a run; ConfigError (naming the key) when the data or the queue cannot fit."""
+    """All counts of a run; ConfigError (naming the key) when the data or the queue cannot fit.
+
+    `train.max_steps`, when set, is the run's length AND the LR schedule's (the cosine reaches
+    optim.min_lr at max_steps); otherwise train.epochs x steps per epoch. `schedule_from` says which.
+    """
     gathered = train.batch_size * world_size
     global_batch = gathered * train.grad_accum_steps
     if queue_size is not None:
@@ -102,6 +115,10 @@ def derive_geometry(
         save_every_steps=train.save_every_steps,
         segment_steps=segment_steps_for(train.save_every_steps, train.grad_accum_steps),
         queue_size=queue_size,
+        schedule_from="train.max_steps" if train.max_steps is not None else "train.epochs",
+        lr_schedule=optim.schedule,
+        epoch_unit=epoch_unit,
+        source_shares=tuple((str(name), float(share)) for name, share in source_shares),
     )
 
 

@@ -85,7 +85,13 @@ def run_training(
         except (OSError, ValueError) as err:
             raise ConfigError("data.train", str(err)) from None
         geometry = derive_geometry(
-            cfg.train, cfg.optim, world_size=info.world_size, samples_per_epoch=samples, queue_size=task.queue_size()
+            cfg.train,
+            cfg.optim,
+            world_size=info.world_size,
+            samples_per_epoch=samples,
+            queue_size=task.queue_size(),
+            epoch_unit=task.epoch_unit(),
+            source_shares=task.source_shares(),
         )
         ds_config = build_ds_config(cfg.deepspeed.config, geometry=geometry, optim=cfg.optim, device=device)
     except ConfigError as err:

@@ -8,6 +8,7 @@ owns what differs between pretraining and fine-tuning:
 
     build_model()          the nn.Module (seeded by the trainer; identical on every rank)
     samples_per_epoch()    what an epoch counts (sizes epochs, the alpha ramp, validation cadence)
+    epoch_unit(), source_shares()  its unit and the data mix, for the logged geometry table
     queue_size()           ITC queue columns, checked against the gathered batch (None: no queue)
     train_batches(...)     the per-rank micro-batch stream, a pure function of (seed, micro-step)
     begin_step(...)        once per optimizer step before the first forward (ALBEF: the EMA)
@@ -70,6 +71,14 @@ class TrainTask:
 
     def samples_per_epoch(self) -> int:
         raise NotImplementedError
+
+    def epoch_unit(self) -> str:
+        """What `samples_per_epoch` counts (the geometry table's wording)."""
+        return "samples"
+
+    def source_shares(self) -> list[tuple[str, float]]:
+        """(source name, share of the training samples) of the data mix, for the geometry table; [] = none."""
+        return []
 
     def queue_size(self) -> int | None:
         """Columns of the model's feature queue (must be a multiple of the gathered batch); None = none."""

@@ -23,8 +23,8 @@ Per optimizer step (all ranks in lockstep):
     all-reduce [non-finite loss seen, stop signal seen] -> every rank stops after the same step
     log every N steps / validate at epoch ends / checkpoint every M steps and at the end
 
-DeepSpeed set-up: only trainable parameters go to the optimizer, in two groups (weight decay on
->= 2-D weights; none on biases and other 0/1-D parameters: LayerNorm, temp). Floating buffers
+DeepSpeed set-up: only trainable parameters go to the optimizer, in two groups (the official ones:
+no weight decay on biases and other 1-D parameters such as LayerNorm; 0-d temp is decayed). Floating buffers
 (ALBEF: momentum twins and queues) are snapshotted before `deepspeed.initialize` and restored in
 fp32 if the engine cast them (DeepSpeed 0.19.8 casts parameters, not buffers, and the model keeps
 its twins fp32 under casts; the guard makes the invariant explicit), then broadcast from rank 0
@@ -85,13 +85,16 @@ class RunState:
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two AdamW groups: decay on >= 2-D weights, none on biases/0-1-D."""
+    """Trainable parameters in two AdamW groups, exactly the official `add_weight_decay`: no decay on
+    1-D parameters (LayerNorm, biases) and on names ending in `.bias`; everything else is decayed,
+    including the 0-d `temp` and the ViT's cls_token / pos_embed (the official model lists no
+    `no_weight_decay` names)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+        (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
@@ -381,6 +384,8 @@ class Trainer:
             min_lr=self.optim_cfg.min_lr,
             warmup_steps=self.geometry.warmup_steps,
             total_steps=self.total_steps,
+            schedule=self.optim_cfg.schedule,
+            steps_per_epoch=self.steps_per_epoch,
         )
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr

@@ -130,7 +130,8 @@ def _meta(loaded: LoadedCheckpoint, layout: str, fmt: str) -> dict[str, Any]:
     """What the export says about itself (and its card shows): provenance, training, data, metrics."""
     facts = loaded.meta
     if loaded.kind != "deepspeed":  # re-export of an export: keep what the first export recorded
-        return {**facts, "layout": layout, "format": fmt, "source": facts.get("source", loaded.source)}
+        kept = {**facts, "layout": layout, "format": fmt, "source": facts.get("source", loaded.source)}
+        return {**kept, "eval_image_res": loaded.eval_image_res}
     config = facts.get("config") or {}
     run = facts.get("run") or {}
     model = config.get("model") or {}
@@ -141,6 +142,7 @@ def _meta(loaded: LoadedCheckpoint, layout: str, fmt: str) -> dict[str, Any]:
         "format": fmt,
         "source": loaded.source,
         "step": loaded.step,
+        "eval_image_res": loaded.eval_image_res,  # px the run's zero-shot evaluation uses (None: model resolution)
         "task": facts.get("task"),
         "samples_seen": run.get("samples_seen"),
         "bad_samples": run.get("bad_samples"),

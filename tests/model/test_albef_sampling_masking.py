@@ -137,3 +137,18 @@ def test_masking_is_reproducible_with_a_generator() -> None:
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="probability"):
         mask_tokens(ids, **kwargs, probability=1.5)
+
+
+def test_official_exclusions_leave_sep_maskable() -> None:
+    """The official mask() excludes [PAD] and [CLS] only: [SEP] is masked at the same rate as words."""
+    gen = torch.Generator().manual_seed(2)
+    ids = random_batch(2000, 30, gen)
+    ids[torch.arange(ids.shape[0]), (ids != PAD).sum(1) - 1] = SEP  # [CLS] x ... [SEP] [PAD]...
+    _, labels = mask_tokens(
+        ids, vocab_size=VOCAB, mask_token_id=MASK, special_token_ids=[PAD, CLS], probability=0.15, generator=gen
+    )
+    masked = labels != -100
+    assert not masked[(ids == PAD) | (ids == CLS)].any()
+    sep = ids == SEP
+    n_sep, n_masked = int(sep.sum()), int(masked[sep].sum())
+    assert abs(n_masked - 0.15 * n_sep) <= 5 * math.sqrt(n_sep * 0.15 * 0.85), (n_masked, n_sep)

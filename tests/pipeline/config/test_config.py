@@ -60,7 +60,13 @@ def test_precedence_defaults_yaml_cli(tmp_path: Path) -> None:
     cfg = load_config(
         PretrainConfig,
         yaml_file,
-        {**DATA, "train.max_steps": 20, "optim.betas": (0.9, 0.98), "train.max-consecutive-skips": 5},
+        {
+            **DATA,
+            "model.init": "scratch",
+            "train.max_steps": 20,
+            "optim.betas": (0.9, 0.98),
+            "train.max-consecutive-skips": 5,
+        },
     )
     assert cfg.train.batch_size == 16  # YAML over default
     assert cfg.train.max_steps == 20  # CLI over YAML

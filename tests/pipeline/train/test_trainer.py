@@ -36,8 +36,10 @@ def test_weight_decay_groups_hold_trainable_params_once() -> None:
     assert groups["decay"]["weight_decay"] == 0.02 and groups["no_decay"]["weight_decay"] == 0.0
     assert sorted(decay + no_decay) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
     params = dict(model.named_parameters())
-    assert "temp" in no_decay and all(params[n].ndim <= 1 or n.endswith(".bias") for n in no_decay)
-    assert all(params[n].ndim >= 2 and not n.endswith(".bias") for n in decay)
+    # The official add_weight_decay: only 1-D parameters and biases are exempt, so the 0-d temp is decayed.
+    assert "temp" in decay and "visual_encoder.norm.weight" in no_decay
+    assert all(params[n].ndim == 1 or n.endswith(".bias") for n in no_decay)
+    assert all(params[n].ndim != 1 and not n.endswith(".bias") for n in decay)
     assert not any(
         n.startswith(("visual_encoder_m", "text_encoder_m")) for n in decay + no_decay
     )  # twins never optimised
