@@ -90,15 +90,6 @@ class VEConfig(TrainingStageConfig):
     optim: VEOptimConfig = field(default_factory=VEOptimConfig)
     eval: VEEvalConfig = field(default_factory=VEEvalConfig)
 
-    def validate(self, prefix: str = "") -> None:
-        super().validate(prefix)
-        for name in ("vision_weights", "text_weights"):
-            check(
-                getattr(self.model, name) is None,
-                f"model.{name}",
-                "fine-tuning initialises from --checkpoint, not from DeiT/BERT weights",
-            )
-
 
 def check_runtime(checkpoint: str) -> Callable[[VEConfig, DistInfo, str], None]:
     """The stage's checks that need the file system (ConfigError naming the key)."""

@@ -161,7 +161,8 @@ def test_ds_config_gets_the_experiment_values() -> None:
     )
     assert ds["gradient_clipping"] == 1.5
     assert ds["optimizer"]["params"]["lr"] == 1e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.02
-    assert ds["optimizer"]["params"]["torch_adam"] is False  # FusedAdam on the GPU
+    params = ds["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True  # torch's fused AdamW: nothing to JIT-compile
     assert precision_of(ds) == "fp16" and ds["zero_optimization"]["stage"] == 2
     cpu = load_config(PretrainConfig, "pretrain_tiny_cpu", DATA)
     geometry = derive_geometry(cpu.train, cpu.optim, world_size=2, samples_per_epoch=1000)

@@ -236,7 +236,7 @@ def test_zero_shot_evaluation_uses_the_runs_eval_resolution(prep_dir: Path) -> N
     cfg = _tiny(prep_dir, **{"model.eval_image_res": 96})
     extra = PretrainTask(cfg).export_extra()
     assert extra["eval_image_res"] == 96 and extra["model_config"]["vision"]["image_size"] == cfg.model.image_res
-    loaded = LoadedCheckpoint({}, extra["model_config"], 10, "deepspeed", "x", extra["eval_image_res"])
+    loaded = LoadedCheckpoint({}, extra["model_config"], 10, "deepspeed", "x", eval_image_res=extra["eval_image_res"])
     assert infer_model_config(loaded, "auto", None).vision.image_size == 96
     assert infer_model_config(loaded, "auto", 128).vision.image_size == 128  # --image_res wins
     unset = PretrainTask(_tiny(prep_dir)).export_extra()

@@ -48,7 +48,7 @@ def _one_error_line(err: str, key: str) -> None:
 def test_too_few_samples_for_the_batch(existing_run: Path, train_shards, capfd) -> None:
     data = train_shards(n_train=8, per_shard=8, image_size=16)
     before = _snapshot(existing_run)
-    overrides = {"data.train": f"[{data}]", "train.batch_size": 16}
+    overrides = {"data.train": f"[{data}]", "train.batch_size": 64}  # 8 images x 3 captions = 24 pairs
     assert pretrain("pretrain_tiny_cpu", str(existing_run), overrides=overrides) == CONFIG_ERROR_EXIT_CODE
     _one_error_line(capfd.readouterr().err, "train.batch_size")
     _assert_untouched(existing_run, before)
