@@ -127,12 +127,13 @@ def run_one(
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     start = time.perf_counter()
     model.momentum_update()
     _sync(device)
@@ -149,6 +150,7 @@ def run_one(
         "threads": torch.get_num_threads(),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "step_s": statistics.median(times),
+        "step_cpu_s": statistics.median(cpu_times),  # CPU seconds of this process: steadier on a shared machine
         "ema_s": ema_s,
         "flops": counter.get_total_flops(),
     }
@@ -174,7 +176,7 @@ def _print_table(rows: list[dict], peak_tflops: float | None) -> None:
         print(
             f"{r['config']:6} {r['precision']:5} {r['device']:6} {r['batch']:5d} {r['image_size']:4d} {r['threads']:3d} "
             f"{r['params_m']:7.1f}M {r['step_s']:10.3f} {r['batch'] / r['step_s']:9.2f} {r['flops'] / 1e9:8.1f} "
-            f"{tflops:8.3f} {mfu} {r['peak_mib']:9.0f} {r['step_mib']:9.0f} {r['ema_s']:7.3f}"
+            f"{tflops:8.3f} {mfu} {r['peak_mib']:9.0f} {r['step_mib']:9.0f} {r['ema_s']:7.3f}  cpu-s {r['step_cpu_s']:.3f}"
         )
 
 

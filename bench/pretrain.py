@@ -161,11 +161,11 @@ def run_rank(args: argparse.Namespace) -> dict:
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         trainer.train_step(batches)
         trainer.state.step += 1
     sync()
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu_elapsed = time.perf_counter() - t0, time.process_time() - c0
     images = args.steps * cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -175,7 +175,7 @@ def run_rank(args: argparse.Namespace) -> dict:
         "config": args.config, "preset": cfg.model.preset, "image_res": cfg.model.image_res, "device": device,
         "precision": trainer.precision, "nproc": info.world_size,
         "batch_per_rank": cfg.train.batch_size * cfg.train.grad_accum_steps, "steps": args.steps,
-        "step_s": elapsed / args.steps, "images_per_s": images / elapsed,
+        "step_s": elapsed / args.steps, "step_cpu_s": cpu_elapsed / args.steps, "images_per_s": images / elapsed,
         "images_per_s_per_rank": images / elapsed / info.world_size, "peak_mem_gib": round(peak, 3),
         "loss_scale": trainer.loss_scale(), "skipped_steps": int(trainer.engine.skipped_steps), "loss": last.get("loss"),
     }  # fmt: skip
