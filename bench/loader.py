@@ -77,7 +77,8 @@ class FileDataset(Dataset):
     """The baseline: one JPEG file per sample, full decode, same transform."""
 
     def __init__(self, files: list[tuple[Path, str]], res: int) -> None:
-        self.files, self.transform = files, build_train_transform(res, draft=False)
+        # PIL's resize as the official torchvision transform (ours enlarges crops with OpenCV)
+        self.files, self.transform = files, build_train_transform(res, draft=False, resize="pil")
 
     def __len__(self) -> int:
         return 100 * len(self.files)  # several passes, like the endless stream it is compared with
@@ -129,6 +130,61 @@ def draft_table(size: int, res: int, n: int = 24) -> None:
         )
 
 
+def _cpu_rate(fn, items: list, repeats: int = 3) -> float:
+    """Items per CPU second of fn over items, best of `repeats` passes."""
+    best = 0.0
+    for _ in range(repeats):
+        c0 = time.process_time()
+        for i, item in enumerate(items):
+            fn(i, item)
+        best = max(best, len(items) / max(time.process_time() - c0, 1e-9))
+    return best
+
+
+def stage_table(size: int, res: int, batch_size: int, n: int = 64) -> None:
+    """Samples per CPU second of each stage of one worker, PIL resize (before) vs OpenCV (after)."""
+    from pipeline.data.transforms import RandAugment, decode_region, random_resized_crop_box, to_chw_tensor
+
+    rng = np.random.default_rng(2)
+    images = [synthetic_jpeg(rng, size) for _ in range(n)]
+    boxes = [random_resized_crop_box(size, size, (0.2, 1.0), random.Random(i)) for i in range(n)]
+    decoded = []
+    for data, box in zip(images, boxes):
+        img = open_image(data)
+        img.draft("RGB", (size * res // box[2], size * res // box[3]))
+        img.load()
+        decoded.append(img)
+    crops = [decode_region(img, box, res, False, "pil") for img, box in zip(decoded, boxes)]
+    ra = RandAugment()
+    tok = build_tokenizer(bundled_vocab_path())
+    tensors = [to_chw_tensor(c) for c in crops]
+    caps = [pre_caption("A photo, number 7: a dog-like shape on grass!")] * batch_size
+
+    def decode(i, data):
+        img = open_image(data)
+        img.draft("RGB", (size * res // boxes[i][2], size * res // boxes[i][3]))
+        img.load()
+
+    rows = {
+        "decode (JPEG, draft)": _cpu_rate(decode, images),
+        "crop+resize PIL (before)": _cpu_rate(lambda i, img: decode_region(img, boxes[i], res, False, "pil"), decoded),
+        "crop+resize cv2 (after)": _cpu_rate(
+            lambda i, img: decode_region(img, boxes[i], res, False, "cv2_upscale"), decoded
+        ),
+        "flip + RandAugment": _cpu_rate(lambda i, c: ra(c, random.Random(i)), crops),
+        "to uint8 CHW tensor": _cpu_rate(lambda i, c: to_chw_tensor(c), crops),
+        "collate uint8 (stack)": _cpu_rate(lambda i, t: torch.stack(tensors[:batch_size]), tensors[:8]) * batch_size,
+        "collate + normalise fp32": _cpu_rate(
+            lambda i, t: normalize_images(torch.stack(tensors[:batch_size])), tensors[:8]
+        )
+        * batch_size,
+        "tokenise captions": _cpu_rate(lambda i, c: tokenize(tok, caps, 25), tensors[:8]) * batch_size,
+    }
+    print(f"per-stage samples/CPU-s (stored {size}px -> res {res}):")
+    for name, rate in rows.items():
+        print(f"  {name:28s} {rate:9.1f}   ({1e3 / rate:6.3f} ms/sample)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num_images", type=int, default=1024)
@@ -138,6 +194,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=12, help="timed batches per run")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--draft_size", type=int, default=1024, help="stored side for the draft table (0 = skip)")
+    p.add_argument("--stages", action="store_true", help="also print samples/CPU-s per stage of one worker")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -179,6 +236,8 @@ def main() -> None:
         )
         ratio = wall / results["baseline"][0]
         print(f"{name:9s} {wall:7.1f} samples/s wall  {per_core}  {ratio:5.2f}x baseline (wall)")
+    if args.stages:
+        stage_table(args.image_size, args.res, args.batch_size)
     if args.draft_size:
         draft_table(args.draft_size, args.res)
 

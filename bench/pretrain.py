@@ -8,6 +8,11 @@ this machine with `--nproc N` (gloo on the CPU, as the tests).
     python bench/pretrain.py --config pretrain_tiny_cpu --nproc 1
     python bench/pretrain.py --config pretrain_4m --batch_size 2 --image_res 256 --steps 3 --ds ds_configs/cpu.json
     python bench/pretrain.py --config pretrain_4m --ds ds_configs/zero2_fp16.json --peak_tflops 989   # H100/H200 bf16 dense
+    python bench/pretrain.py --config pretrain_4m --batch_size 8 --image_res 64 --text_len 16 --threads 1 \
+        --ds ds_configs/cpu.json,ds_configs/cpu_bf16.json,ds_configs/cpu_ds_bf16.json --repeats 3   # CPU precisions
+
+`--ds A,B,...` runs each config in turn (fresh processes), `--repeats N` times interleaved, and prints
+one JSON line per run then the median step time per config (the machine may be shared).
 
 Prints one JSON line per run: {"config", "nproc", "batch_per_rank", "images_per_s", "step_s",
 "peak_mem_gib" (per rank: CUDA max allocated on GPUs, max RSS on the CPU), "loss_scale", "mfu"}.
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -128,6 +134,10 @@ def build(args: argparse.Namespace) -> tuple:
         geometry=geometry,
     )
     trainer.setup()
+    if args.compile:
+        # torch.compile of the wrapped module (DeepSpeed's engine.compile); the data-dependent parts
+        # (hard-negative sampling, masked-token selection) graph-break and run eagerly
+        trainer.engine.compile()
     return cfg, info, device, task, trainer, batches
 
 
@@ -153,11 +163,11 @@ def run_rank(args: argparse.Namespace) -> dict:
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         trainer.train_step(batches)
         trainer.state.step += 1
     sync()
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu_elapsed = time.perf_counter() - t0, time.process_time() - c0
     images = args.steps * cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -167,7 +177,7 @@ def run_rank(args: argparse.Namespace) -> dict:
         "config": args.config, "preset": cfg.model.preset, "image_res": cfg.model.image_res, "device": device,
         "precision": trainer.precision, "nproc": info.world_size,
         "batch_per_rank": cfg.train.batch_size * cfg.train.grad_accum_steps, "steps": args.steps,
-        "step_s": elapsed / args.steps, "images_per_s": images / elapsed,
+        "step_s": elapsed / args.steps, "step_cpu_s": cpu_elapsed / args.steps, "images_per_s": images / elapsed,
         "images_per_s_per_rank": images / elapsed / info.world_size, "peak_mem_gib": round(peak, 3),
         "loss_scale": trainer.loss_scale(), "skipped_steps": int(trainer.engine.skipped_steps), "loss": last.get("loss"),
     }  # fmt: skip
@@ -177,14 +187,29 @@ def run_rank(args: argparse.Namespace) -> dict:
     return result
 
 
-def spawn(args: argparse.Namespace) -> list[dict]:
+def _argv_without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv minus `--opt VALUE` / `--opt=VALUE` for each of `options`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not a.startswith(tuple(f"{o}=" for o in options)):
+            out.append(a)
+    return out
+
+
+def spawn(args: argparse.Namespace, ds: str | None = None) -> list[dict]:
     """Run `--nproc` ranks of this script (torchrun-style env) and collect their JSON lines."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, __file__, *[a for a in sys.argv[1:]], "--_rank_child"]
+    argv = [sys.executable, __file__, *_argv_without(sys.argv[1:], ("--ds", "--repeats")), "--_rank_child"]
+    if ds:
+        argv += ["--ds", ds]
     procs = []
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
     for rank in range(args.nproc):
@@ -219,15 +244,27 @@ def main() -> None:
     parser.add_argument("--data", default="synthetic", help="'synthetic' or an `albef prep` output folder")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: cores / nproc)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak, for the MFU estimate")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per --ds config, interleaved")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (engine.compile())")
     parser.add_argument("--_rank_child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._rank_child or ("RANK" in os.environ and args.nproc == 1):
         print(json.dumps(run_rank(args)), flush=True)
         return
-    results = spawn(args)
-    summary = dict(results[0])
-    summary["peak_mem_gib"] = max(r["peak_mem_gib"] for r in results)  # worst rank
-    print(json.dumps(summary), flush=True)
+    configs = args.ds.split(",") if args.ds else [None]
+    steps: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        for ds in configs:
+            results = spawn(args, ds)
+            summary = dict(results[0], ds=ds or "(config's)")
+            summary["peak_mem_gib"] = max(r["peak_mem_gib"] for r in results)  # worst rank
+            print(json.dumps(summary), flush=True)
+            steps.setdefault(summary["ds"], []).append(summary["step_s"])
+    if len(configs) > 1 or args.repeats > 1:
+        medians = {ds: statistics.median(t) for ds, t in steps.items()}
+        first = next(iter(medians.values()))
+        for ds, m in medians.items():
+            print(f"# {ds}: median step {m:.3f} s over {len(steps[ds])} runs ({m / first:.3f}x the first)", flush=True)
 
 
 if __name__ == "__main__":

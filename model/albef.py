@@ -30,7 +30,7 @@ from torch import nn
 from model.config import ALBEFConfig
 from model.losses import ITCResult, itc_loss, itm_loss, mlm_loss, sample_hard_negatives
 from model.momentum import copy_into_, ema_pairs, ema_update_, make_momentum_twin
-from model.text import BertLayer, TextEncoder, build_text_encoder
+from model.text import BertLayer, PackedTokens, TextEncoder, build_text_encoder
 from model.vision import VisionEncoder, build_vision_encoder
 
 __all__ = ["ALBEFBase", "ALBEF", "PretrainOutput", "build_albef"]
@@ -95,6 +95,7 @@ class ContrastMatch(NamedTuple):
     itm_acc: torch.Tensor
     neg_image_idx: torch.Tensor  # [B]
     neg_text_idx: torch.Tensor  # [B]
+    image_kv: list[tuple[torch.Tensor, torch.Tensor]]  # cross-attention (keys, values) of image_embeds per fusion layer
 
 
 def _keep_fp32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -267,28 +268,65 @@ class ALBEFBase(nn.Module):
         self,
         text_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
-        image_embeds: torch.Tensor,
+        image_embeds: torch.Tensor | None,
         image_mask: torch.Tensor | None = None,
+        *,
+        image_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Fusion layers on text-mode hidden states, cross-attending to image tokens -> [B, L, D]."""
+        """Fusion layers on text-mode hidden states, cross-attending to image tokens -> [B, L, D].
+
+        image_kv: `text_encoder.image_kv(image_embeds)` when the caller already has it (then
+        image_embeds may be None)."""
         return self.text_encoder(
             attention_mask=attention_mask,
             hidden=text_embeds,
             image_embeds=image_embeds,
             image_mask=image_mask,
             mode="fusion",
+            image_kv=image_kv,
         )
 
     def itm_logits(
         self,
         text_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
-        image_embeds: torch.Tensor,
+        image_embeds: torch.Tensor | None,
         image_mask: torch.Tensor | None = None,
+        *,
+        image_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Image-text matching logits [B, 2] (fp32; column 1 = match) of aligned pairs."""
-        fused = self.fuse(text_embeds, attention_mask, image_embeds, image_mask)
+        fused = self.fuse(text_embeds, attention_mask, image_embeds, image_mask, image_kv=image_kv)
         return self.itm_head(fused[:, 0, :]).float()
+
+    # -- re-ranking against one image at a time (pipeline/retrieval/rerank.py) ------------------------------
+    def itm_text_prefix(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, D]: the image-independent first step of `fuse` (once per caption, not per pair)."""
+        return self.text_encoder.fusion_text_prefix(text_embeds, attention_mask)
+
+    def itm_image_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention (keys, values) of every fusion layer for image tokens [B, N, Dv] (once per image)."""
+        return self.text_encoder.image_kv(image_embeds)
+
+    def itm_prefix_query(self, prefix: torch.Tensor) -> torch.Tensor:
+        """First fusion layer's cross-attention queries of `itm_text_prefix` rows (once per caption)."""
+        return self.text_encoder.fusion_prefix_query(prefix)
+
+    def itm_logits_one_image(
+        self,
+        prefix: torch.Tensor,
+        tokens: PackedTokens,
+        image_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        prefix_query: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ITM logits [m, 2] (fp32) of m captions against one image: `itm_logits_cls` from cached parts.
+
+        prefix: packed rows [T, D] of `itm_text_prefix` (layout `tokens`); image_kv: `itm_image_kv` of the
+        image ([1, H, N, d] per fusion layer); prefix_query: `itm_prefix_query(prefix)` rows (optional).
+        Same numbers as `itm_logits` up to float summation order.
+        """
+        fused = self.text_encoder.fuse_cls_one_image(prefix, tokens, image_kv, prefix_query)
+        return self.itm_head(fused).float()
 
     def itm_logits_cls(
         self,
@@ -337,6 +375,9 @@ class ALBEFBase(nn.Module):
         temp = self.clamped_temp()
         image_embeds, image_feat = self.encode_image(image)
         text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        # The image side of every cross-attention of this step (ITM positives, text negatives, MLM):
+        # projected once per fusion layer; gradients of all passes meet in these tensors.
+        image_kv = self.text_encoder.image_kv(image_embeds)
         image_embeds_m, image_feat_m = self.encode_image_m(image)
         _, text_feat_m = self.encode_text_m(input_ids, attention_mask)
         itc = itc_loss(
@@ -356,7 +397,7 @@ class ALBEFBase(nn.Module):
             sampled = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, exclude=itc.positives[:, :b], generator=generator)
             neg_image_idx = sampled[0] if neg_image_idx is None else neg_image_idx
             neg_text_idx = sampled[1] if neg_text_idx is None else neg_text_idx
-        itm, itm_acc = self._itm(image_embeds, text_embeds, attention_mask, neg_image_idx, neg_text_idx)
+        itm, itm_acc = self._itm(image_kv, text_embeds, attention_mask, neg_image_idx, neg_text_idx)
         return ContrastMatch(
             temp.detach(),
             image_embeds,
@@ -368,23 +409,30 @@ class ALBEFBase(nn.Module):
             itm_acc,
             neg_image_idx,
             neg_text_idx,
+            image_kv,
         )
 
     def _itm(
         self,
-        image_embeds: torch.Tensor,
+        image_kv: list[tuple[torch.Tensor, torch.Tensor]],
         text_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         neg_image_idx: torch.Tensor,
         neg_text_idx: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One fusion pass over 3B pairs: [(text b, image b)], [(text b, image neg_image_idx[b])],
-        [(text neg_text_idx[b], image b)]; labels [1]*B + [0]*2B."""
-        b = image_embeds.shape[0]
+        [(text neg_text_idx[b], image b)]; labels [1]*B + [0]*2B.
+
+        image_kv: the batch's cross-attention (keys, values) per fusion layer ([B, H, N, d]); the pairs'
+        keys/values are gathered from them (rows of a projection = projection of the rows)."""
+        b = text_embeds.shape[0]
         text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text_idx]], dim=0)  # [3B, L, D]
         mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text_idx]], dim=0)
-        image_all = torch.cat([image_embeds, image_embeds[neg_image_idx], image_embeds], dim=0)  # [3B, N, Dv]
-        return itm_loss(self.itm_logits(text_all, mask_all, image_all), num_pos=b)
+        kv_all = [
+            (torch.cat([k, k[neg_image_idx], k], dim=0), torch.cat([v, v[neg_image_idx], v], dim=0))  # [3B, H, N, d]
+            for k, v in image_kv
+        ]
+        return itm_loss(self.itm_logits(text_all, mask_all, None, image_kv=kv_all), num_pos=b)
 
 
 class ALBEF(ALBEFBase):
@@ -432,7 +480,7 @@ class ALBEF(ALBEFBase):
             neg_text_idx=neg_text_idx,
             generator=generator,
         )
-        mlm = self._mlm(mlm_input_ids, attention_mask, mlm_labels, cm.image_embeds, cm.image_embeds_m, alpha)
+        mlm = self._mlm(mlm_input_ids, attention_mask, mlm_labels, cm.image_kv, cm.image_embeds_m, alpha)
         return PretrainOutput(
             itc_loss=cm.itc.itc_loss,
             itm_loss=cm.itm_loss,
@@ -451,13 +499,14 @@ class ALBEF(ALBEFBase):
         mlm_input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         mlm_labels: torch.Tensor,
-        image_embeds: torch.Tensor,
+        image_kv: list[tuple[torch.Tensor, torch.Tensor]],
         image_embeds_m: torch.Tensor,
         alpha: float | torch.Tensor,
     ) -> torch.Tensor:
-        """MLM + distillation; the vocabulary projection runs on the masked tokens only (~15%)."""
+        """MLM + distillation; the vocabulary projection runs on the masked tokens only (~15%).
+        image_kv: the step's shared cross-attention keys/values of the trained image tokens."""
         selected = mlm_labels != IGNORE_INDEX  # [B, L]
-        hidden = self.text_encoder(mlm_input_ids, attention_mask, image_embeds=image_embeds, mode="full")
+        hidden = self.text_encoder(mlm_input_ids, attention_mask, mode="full", image_kv=image_kv)
         logits = self.text_encoder.mlm_head(hidden[selected])  # [M, V]
         with torch.no_grad():
             twin = self.text_encoder_m

@@ -3,10 +3,11 @@
 `evaluate_model` is the one evaluation core: `albef evaluate retrieval` runs it on a checkpoint,
 retrieval fine-tuning runs it as its per-epoch validation on the model in memory.
 
-Each rank encodes the whole split (so all ranks hold the same features; the split is small next to
-the re-ranking), then re-ranks its contiguous block of query rows; the blocks are all-gathered
+Each rank encodes its share of the split (the loader's images of that rank; a contiguous block of the
+caption batches), the shares are all-gathered (rows copied, no arithmetic) so every rank holds the
+whole encoded split; then each rank re-ranks its share of the pairs and those are all-gathered too
 (pipeline/retrieval/rerank.py). Images are put in (source, key) order whatever the loader's worker
-interleaving, so the numbers do not depend on num_workers or world size.
+interleaving or the rank that encoded them, so the numbers do not depend on num_workers or world size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from model.config import ALBEFConfig, ModelConfigError
 from model.retrieval import ALBEFRetrieval, build_retrieval, load_retrieval_state
@@ -27,7 +29,7 @@ from pipeline.config import ConfigError, check, from_dict, load_config
 from pipeline.data import build_eval_loader, caption_index
 from pipeline.data.text import build_tokenizer, tokenize
 from pipeline.retrieval.metrics import chance_metrics, recall_curves, retrieval_metrics
-from pipeline.retrieval.rerank import EncodedSplit, score_matrices
+from pipeline.retrieval.rerank import EncodedSplit, all_gather_rows, row_range, score_matrices, score_matrices_grouped
 from pipeline.runtime.io import LoadedCheckpoint, read_checkpoint
 from pipeline.runtime.preemption import check_stop, stop_requested_here
 
@@ -64,7 +66,7 @@ class EvalConfig:
     dataset: str | None = None  # name in the output file; None = the manifest's `source`
     save_scores: bool = False  # also write the score matrices (DIR/eval/<stem>_scores.pt) for analysis
     exact: bool = False  # True: the official loop's arithmetic (captions padded to one length, full last
-    # fusion layer), bit-identical on the CPU; False: length buckets + [CLS]-only last layer (~1e-7 off)
+    # fusion layer), bit-identical on the CPU; False: grouped by image, keys/values cached (~1e-7 off)
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
@@ -168,13 +170,42 @@ class EvalSplit:
     bad_samples: int
 
 
+def _gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's `obj` in rank order (one process: [obj])."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @torch.no_grad()
-def encode_split(model: Any, data: str | Path, cfg: EvalConfig, device: torch.device, tokenizer: Any) -> EvalSplit:
-    """Encode every image (once) and every caption of `data` (one `albef prep` output folder)."""
+def encode_split(
+    model: Any,
+    data: str | Path,
+    cfg: EvalConfig,
+    device: torch.device,
+    tokenizer: Any,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EvalSplit:
+    """Encode every image (once) and every caption of `data` (one `albef prep` output folder).
+
+    With world_size > 1 (collective) each rank encodes the loader's images of its rank and a contiguous
+    block of the caption batches; the rows are all-gathered so every rank returns the whole split. The
+    caption batches are the same whatever the world size (only their owner changes).
+    """
 
     res = model.config.vision.image_size
     loader = build_eval_loader(
-        [data], batch_size=cfg.image_batch_size, num_workers=cfg.num_workers, image_res=res, max_words=cfg.max_words
+        [data],
+        batch_size=cfg.image_batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.num_workers,
+        image_res=res,
+        max_words=cfg.max_words,
     )
     order: list[tuple[int, str]] = []
     captions: list[list[str]] = []
@@ -186,25 +217,60 @@ def encode_split(model: Any, data: str | Path, cfg: EvalConfig, device: torch.de
         order += list(zip(batch["source"].tolist(), batch["key"]))
         captions += [[c for c in caps if c] for caps in batch["captions"]]
         bad += sum(batch.get("bad_samples", {}).values())
-        check_stop()  # fine-tuning's validation: a stop signal ends it here (every rank, same batch)
+        if stop_requested_here():  # fine-tuning's validation: stop early; the ranks agree below
+            break
+    check_stop()  # collective: every rank reaches it once, whatever its share
+    shares = _gather_objects((order, captions, bad), world_size)
+    counts = [len(o) for o, _, _ in shares]
+    order = [x for o, _, _ in shares for x in o]
+    captions = [x for _, c, _ in shares for x in c]
+    bad = sum(b for _, _, b in shares)
     if not order:
         raise ValueError(f"{data}: no decodable image in the eval shards")
-    perm = sorted(range(len(order)), key=order.__getitem__)  # (source, key): independent of worker interleaving
+    if embeds:
+        local_embeds, local_feats = torch.cat(embeds), torch.cat(feats)
+    else:  # this rank's loader had no image: an empty block of the right shape and dtype
+        probe_embeds, probe_feat = model.encode_image(torch.zeros(1, 3, res, res, device=device))
+        local_embeds, local_feats = probe_embeds[:0], probe_feat[:0]
+    all_embeds = all_gather_rows(local_embeds, counts)
+    all_feats = all_gather_rows(local_feats, counts)
+    perm = sorted(range(len(order)), key=order.__getitem__)  # (source, key): independent of ranks and workers
     index = torch.tensor(perm, device=device)
     idx = caption_index([captions[i] for i in perm])
     input_ids, mask = tokenize(tokenizer, idx.texts, cfg.max_tokens, padding="longest")  # one L for all
+    n_txt, tb = len(idx.texts), cfg.text_batch_size
+    n_batches = (n_txt + tb - 1) // tb
+    first, end = row_range(n_batches, rank, world_size)  # whole caption batches per rank
     hidden, text_feat = [], []
-    for s in range(0, len(idx.texts), cfg.text_batch_size):
-        h, f = model.encode_text(
-            input_ids[s : s + cfg.text_batch_size].to(device), mask[s : s + cfg.text_batch_size].to(device)
-        )
+    for s in range(first * tb, min(end * tb, n_txt), tb):
+        h, f = model.encode_text(input_ids[s : s + tb].to(device), mask[s : s + tb].to(device))
         hidden.append(h)
         text_feat.append(f)
-        check_stop()
+        if stop_requested_here():
+            break
+    check_stop()
+    if not hidden:
+        h, f = model.encode_text(input_ids[:1].to(device), mask[:1].to(device))
+        hidden, text_feat = [h[:0]], [f[:0]]
+    text_counts = [
+        min(e * tb, n_txt) - min(f * tb, n_txt)
+        for f, e in (row_range(n_batches, r, world_size) for r in range(world_size))
+    ]
     encoded = EncodedSplit(
-        torch.cat(embeds)[index], torch.cat(feats)[index], torch.cat(hidden), mask.to(device), torch.cat(text_feat)
+        all_embeds[index],
+        all_feats[index],
+        all_gather_rows(torch.cat(hidden), text_counts),
+        mask.to(device),
+        all_gather_rows(torch.cat(text_feat), text_counts),
     )
-    logger.info("encoded %d images, %d captions (%d bad samples skipped)", len(perm), len(idx.texts), bad)
+    logger.info(
+        "encoded %d images, %d captions (%d bad samples skipped; this rank: %d images, %d captions)",
+        len(perm),
+        n_txt,
+        bad,
+        local_embeds.shape[0],
+        text_counts[rank],
+    )
     return EvalSplit(encoded, idx.img2txt, idx.txt2img, bad)
 
 
@@ -212,16 +278,30 @@ def encode_split(model: Any, data: str | Path, cfg: EvalConfig, device: torch.de
 def score_split(
     model: Any, split: EvalSplit, cfg: EvalConfig, rank: int, world_size: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The three score-matrix pairs (collective when world_size > 1)."""
+    """The three score-matrix pairs (collective when world_size > 1).
 
-    logits = model.itm_logits if cfg.exact else model.itm_logits_cls
+    `exact`: the official loop's arithmetic on padded batches (`score_matrices` + `itm_logits`); otherwise
+    the grouped path (`score_matrices_grouped`: image keys/values cached, captions packed)."""
+
+    if not cfg.exact:
+        grouped = score_matrices_grouped(
+            split.encoded,
+            cfg.k_test,
+            model,
+            rank=rank,
+            world_size=world_size,
+            pairs_per_batch=cfg.pairs_per_batch,
+            text_batch_size=cfg.text_batch_size,
+        )
+        check_stop()
+        return grouped
 
     def itm_fn(image_embeds: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         if stop_requested_here():
             # Ranks re-rank different numbers of batches, so they cannot agree here: skip the
             # remaining work (scores are discarded) and agree at the check after the gather.
             return torch.zeros(image_embeds.shape[0], 2, device=image_embeds.device)
-        return logits(text_hidden, text_mask, image_embeds)
+        return model.itm_logits(text_hidden, text_mask, image_embeds)
 
     scores = score_matrices(
         split.encoded,
@@ -230,7 +310,7 @@ def score_split(
         rank=rank,
         world_size=world_size,
         pairs_per_batch=cfg.pairs_per_batch,
-        trim_padding=not cfg.exact,
+        trim_padding=False,
     )
     check_stop()
     return scores
@@ -277,7 +357,7 @@ def evaluate_model(
     model.eval()
     try:
         t0 = time.perf_counter()
-        split = encode_split(model, data, cfg, device, tokenizer)
+        split = encode_split(model, data, cfg, device, tokenizer, rank=rank, world_size=world_size)
         t1 = time.perf_counter()
         scores = score_split(model, split, cfg, rank, world_size)
         t2 = time.perf_counter()

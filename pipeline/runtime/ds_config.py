@@ -48,13 +48,26 @@ def load_ds_json(path: str) -> dict[str, Any]:
     return data
 
 
+AUTOCAST_KEY = "albef_autocast"  # ours, ignored by DeepSpeed: "bf16" = fp32 engine, forward under bf16 autocast
+
+
 def precision_of(ds: dict[str, Any]) -> Precision:
-    """fp16 / bf16 / fp32 as enabled in a DeepSpeed config dict."""
+    """The compute precision of a DeepSpeed config dict: fp16 / bf16 / fp32.
+
+    bf16 comes either from DeepSpeed's own mode (`"bf16": {"enabled": true}`: the engine casts the
+    trained weights to bf16 and keeps fp32 master copies in the optimizer) or from our
+    `"albef_autocast": "bf16"` (the engine stays fp32 and the trainer runs the forward under
+    `torch.autocast(bfloat16)`: the CPU configs, where it is the faster of the two, see bench/README).
+    Either way the trainer autocasts the forward, so fp32 momentum twins meet bf16 activations.
+    """
     fp16 = bool(ds.get("fp16", {}).get("enabled", False))
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
-    if fp16 and bf16:
-        raise ConfigError("deepspeed.config", "enables both fp16 and bf16")
-    return "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    autocast = ds.get(AUTOCAST_KEY)
+    if autocast not in (None, "bf16"):
+        raise ConfigError("deepspeed.config", f'{AUTOCAST_KEY}={autocast!r}: only "bf16" is supported')
+    if fp16 and (bf16 or autocast):
+        raise ConfigError("deepspeed.config", f"enables fp16 together with bf16 ({AUTOCAST_KEY} or bf16.enabled)")
+    return "fp16" if fp16 else "bf16" if (bf16 or autocast) else "fp32"
 
 
 def build_ds_config(path: str, *, geometry: TrainGeometry, optim: OptimConfig, device: str) -> dict[str, Any]:

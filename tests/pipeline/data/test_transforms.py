@@ -170,3 +170,39 @@ def test_decompression_bomb_is_refused_on_its_header() -> None:
     sample = {"__url__": "shard.tar", "__key__": "k"}
     assert _decode_image(bomb, lambda img, rng: img.load(), None, counter, sample) is None
     assert Counter(counter.take()) == Counter({"too_many_pixels": 1}) and MAX_PIXELS == 89_478_485
+
+
+def test_opencv_upscale_matches_pil_bicubic() -> None:
+    """Enlarged crops (the usual case near the stored size) go through OpenCV's bicubic: the same image
+    as PIL's up to the kernel constant (a few grey levels on a smooth image), the same statistics."""
+    from pipeline.data.transforms import decode_region
+
+    arr = _smooth_image(256, 256)
+    rng = random.Random(0)
+    diffs = []
+    for _ in range(20):
+        box = random_resized_crop_box(256, 256, (0.2, 1.0), rng)
+        img = Image.fromarray(arr)
+        fast = decode_region(img, box, 224, draft=False, resize="cv2_upscale").astype(np.float32)
+        ref = decode_region(img, box, 224, draft=False, resize="pil").astype(np.float32)
+        assert fast.shape == ref.shape == (224, 224, 3)
+        diffs.append(np.abs(fast - ref).mean())
+        assert abs(fast.mean() - ref.mean()) < 1.0 and abs(fast.std() - ref.std()) < 1.5
+    assert max(diffs) < 2.5, diffs
+
+
+def test_shrinking_crops_keep_pils_antialiased_resize() -> None:
+    from pipeline.data.transforms import decode_region
+
+    img = Image.fromarray(_noise(300, 300))
+    box = (10, 20, 200, 180)  # larger than the output: OpenCV's bicubic would alias
+    fast = decode_region(img, box, 64, draft=False, resize="cv2_upscale")
+    assert np.array_equal(fast, decode_region(img, box, 64, draft=False, resize="pil"))
+
+
+def test_train_transform_default_is_the_fast_resize() -> None:
+    data = _jpeg(_smooth_image(128, 160))
+    fast = build_train_transform(96)(open_image(data), random.Random(3))
+    ref = build_train_transform(96, resize="pil")(open_image(data), random.Random(3))
+    assert fast.shape == ref.shape == (3, 96, 96) and fast.dtype == torch.uint8
+    assert (fast.float() - ref.float()).abs().mean() < 3.0
