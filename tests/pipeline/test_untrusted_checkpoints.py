@@ -10,6 +10,7 @@ unrestricted `torch.load` would indeed run it.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -38,13 +39,21 @@ class Payload:
 
 
 def plant(path: Path, marker: Path) -> None:
-    """Rewrite a torch file with the payload inside it (in `module` for DeepSpeed model states)."""
+    """Rewrite a torch file with the payload inside it (in `module` for DeepSpeed model states).
+
+    The tag's commit record is rewritten to the new sizes too (an attacker controls the whole
+    folder), so what refuses the payload is the weights-only reader, not the size check."""
     data = torch_load_weights_only(path)
     if isinstance(data.get("module"), dict):
         data["module"] = {**data["module"], "payload": Payload(marker)}
     else:
         data["payload"] = Payload(marker)
     torch.save(data, path)
+    record = path.parent / checkpoint.COMMIT_FILE
+    if record.is_file():
+        commit = json.loads(record.read_text())
+        commit["files"][path.name] = path.stat().st_size
+        record.write_text(json.dumps(commit))
 
 
 def _tag_dir(run: Path) -> Path:

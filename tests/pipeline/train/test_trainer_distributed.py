@@ -41,6 +41,7 @@ RUN_ARGS = (
     f"--train.save_every_steps={SAVE}",
     "--train.keep_last=3",
     "--logging.log_every_steps=1",
+    "--train.alpha_ramp_epochs=0.25",  # an epoch is 768 pairs = 48 steps here: ramp over 12, reach 0.4
 )
 EXPECTED_SCALARS = {
     "train/loss_itc",
