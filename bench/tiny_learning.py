@@ -11,8 +11,15 @@ top k, ITM+ITC).
 
 JPEG bytes are held in memory; each step decodes the batch (64 px, ~0.1 ms/image) and augments it.
 
-    cd /work/wt-learn && PYTHONPATH=. python bench/tiny_learning.py --name shipped --steps 400  # shipped recipe
+    PYTHONPATH=. python bench/tiny_learning.py --name old --steps 400 --patch 16 --init bert  # the old recipe
+    # the recipe of pipeline/configs/pretrain_tiny_cpu.yaml (its 3-seed curves: --seed 0/1/2)
+    PYTHONPATH=. python bench/tiny_learning.py --name recipe_s0 --seed 0 --steps 600 --eval_every 100 \
+        --batch 32 --queue 64 --lr 3e-4 --const_lr --itm_neg random
+    python bench/tiny_learning_table.py --curve /tmp/learn/recipe_s*.json
     PYTHONPATH=. python bench/tiny_learning.py --help
+
+The model is ALBEFConfig.tiny (8-px patches, fan-in init; --patch / --init undo them); the other defaults
+are the old shipped recipe (batch 8, lr 1e-3 cosine, queue 256, hard ITM negatives).
 
 Writes /tmp/learn/<name>.json (args, per-eval-point metrics) and prints one line per eval point.
 """
@@ -20,6 +27,7 @@ Writes /tmp/learn/<name>.json (args, per-eval-point metrics) and prints one line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -34,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.synthetic import write_synthetic  # noqa: E402
 from model.albef import build_albef  # noqa: E402
-from model.config import ALBEFConfig, VisionConfig  # noqa: E402
+from model.config import ALBEFConfig  # noqa: E402
 from model.masking import mask_tokens  # noqa: E402
-from pipeline.retrieval_metrics import chance_metrics, retrieval_metrics  # noqa: E402
-from pipeline.schedule import alpha_at, lr_at  # noqa: E402
-from pipeline.text import build_tokenizer, bundled_vocab_path, pre_caption, tokenize  # noqa: E402
-from pipeline.trainer import weight_decay_groups  # noqa: E402
-from pipeline.transforms import EvalTransform, TrainTransform, normalize_images, open_image  # noqa: E402
+from pipeline.data.text import build_tokenizer, bundled_vocab_path, pre_caption, tokenize  # noqa: E402
+from pipeline.data.transforms import EvalTransform, TrainTransform, normalize_images, open_image  # noqa: E402
+from pipeline.retrieval.metrics import chance_metrics, retrieval_metrics  # noqa: E402
+from pipeline.train.schedule import alpha_at, lr_at  # noqa: E402
+from pipeline.train.trainer import weight_decay_groups  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -58,7 +66,7 @@ def parse() -> argparse.Namespace:
     # shipped recipe = pipeline/configs/pretrain_tiny_cpu.yaml
     a("--batch", type=int, default=8)
     a("--image_res", type=int, default=64)
-    a("--patch", type=int, default=16)
+    a("--patch", type=int, default=8)
     a("--max_tokens", type=int, default=25)
     a("--embed_dim", type=int, default=32)
     a("--queue", type=int, default=256)
@@ -79,9 +87,22 @@ def parse() -> argparse.Namespace:
     a("--aug", default="full", choices=["full", "crop_flip", "none"])
     a("--crop_scale", type=float, default=0.2)
     a("--queue_warm", action="store_true", help="fill the queue with momentum features of real batches at step 0")
-    a("--init", default="bert", help="bert = as built (HF BERT / timm std 0.02 normal); fanin = Linear weights of the "
-      "text encoder and ViT re-drawn with std 1/sqrt(fan_in); a float = that std (not a config field)")
+    a(
+        "--init",
+        default="fanin",
+        help="fanin = the tiny preset (weight_init fan_in in both towers); bert = HF BERT / "
+        "timm std 0.02; a float = that std for the Linear weights of --init_towers (not a config field)",
+    )
     a("--init_towers", default="text,vision", help="which towers --init applies to")
+    a(
+        "--itm_neg",
+        default="hard",
+        choices=["hard", "random", "hard_after"],
+        help="ITM negatives: hard (ALBEF: drawn by ITC similarity), random (uniform in-batch), hard_after "
+        "(random for the first --itm_random_steps steps, then hard)",
+    )
+    a("--itm_random_steps", type=int, default=0)
+    a("--fusion_lr_mult", type=float, default=1.0, help="LR multiplier of the fusion layers + itm_head")
     a("--k_test", type=int, default=16)
     a("--grad_norms", action="store_true", help="per-loss grad norms at eval points (3 extra backwards)")
     return p.parse_args()
@@ -182,6 +203,7 @@ def evaluate(model, tok, test: list, res: int, k: int) -> dict:
     # hard: the top ITC-ranked wrong image
     hard = sims.t().masked_fill(F.one_hot(pos_img, len(test)).bool(), -math.inf).argmax(1)
     out["itm_auc_hard"] = (sp > itm_scores(hard, t_all)).float().mean().item()
+
     # collapse indicators: mean off-diagonal cosine
     def mean_cos(f: torch.Tensor) -> float:
         n = f.shape[0]
@@ -220,19 +242,20 @@ def main() -> None:
 
     cfg = ALBEFConfig.tiny(image_size=args.image_res, embed_dim=args.embed_dim, queue_size=args.queue,
                            temp=args.temp, momentum=args.momentum, queue_seed=args.seed)  # fmt: skip
-    if args.patch != 16:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, vision=VisionConfig(image_size=args.image_res, patch_size=args.patch,
-                                                           width=64, depth=2, num_heads=2))  # fmt: skip
+    # the tiny preset is 8-px patches + fan-in init (model/config.py); --patch / --init undo either
+    if args.patch != cfg.vision.patch_size:
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, patch_size=args.patch))
+    if args.init == "bert":
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, weight_init="timm"),
+                                  text=dataclasses.replace(cfg.text, weight_init="bert"))  # fmt: skip
+    if args.itm_neg == "random":
+        cfg = dataclasses.replace(cfg, itm_negatives="random")
     model = build_albef(cfg)
-    if args.init != "bert":
-        towers = {"text": model.text_encoder, "vision": model.visual_encoder}
+    if args.init not in ("bert", "fanin"):  # a fixed std for every Linear weight of both towers
         for name in args.init_towers.split(","):
-            for m in towers[name].modules():
+            for m in {"text": model.text_encoder, "vision": model.visual_encoder}[name].modules():
                 if isinstance(m, torch.nn.Linear):
-                    std = 1 / math.sqrt(m.in_features) if args.init == "fanin" else float(args.init)
-                    torch.nn.init.normal_(m.weight, std=std)
+                    torch.nn.init.normal_(m.weight, std=float(args.init))
         model.copy_params()  # momentum twins <- the re-initialised weights
     model.train()
     groups = weight_decay_groups(model, args.wd)
@@ -240,8 +263,19 @@ def main() -> None:
         for g in groups:
             g["params"] = [p for p in g["params"] if p is not model.temp]
         groups.append({"params": [model.temp], "weight_decay": 0.0, "name": "temp"})
+    if args.fusion_lr_mult != 1.0:  # fusion layers + itm_head in their own groups (lr x mult)
+        fl_ = cfg.text.fusion_layer
+        fus = [p for layer in model.text_encoder.encoder.layer[fl_:] for p in layer.parameters()]
+        fus += list(model.itm_head.parameters())
+        fus_ids = {id(p) for p in fus}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in fus_ids]
+        groups.append({"params": [p for p in fus if p.ndim > 1], "weight_decay": args.wd, "name": "fus"})
+        groups.append({"params": [p for p in fus if p.ndim <= 1], "weight_decay": 0.0, "name": "fus_nd"})
     for g in groups:
-        g["lr_mult"] = args.temp_lr_mult if g["name"] == "temp" else 1.0
+        g["lr_mult"] = {"temp": args.temp_lr_mult, "fus": args.fusion_lr_mult, "fus_nd": args.fusion_lr_mult}.get(
+            g["name"], 1.0
+        )
     opt = torch.optim.AdamW(groups, lr=args.lr)
     stream = TrainStream(train, args.batch, args.image_res, args.aug, args.crop_scale, args.seed)
     ramp = round(args.alpha_ramp_epochs * len(train) / args.batch)
@@ -281,7 +315,7 @@ def main() -> None:
             print(
                 f"[{args.name}] step {step:4d} itc {rec.get('itc', float('nan')):.3f} itm {rec.get('itm', float('nan')):.3f} "
                 f"mlm {rec.get('mlm', float('nan')):.3f} acc {rec.get('itc_acc', float('nan')):.3f} "
-                f"itmacc {rec.get('itm_acc', float('nan')):.2f} temp {rec.get('temp', args.temp):.4f} | "
+                f"itmacc {rec.get('itm_acc', float('nan')):.2f} negu {rec.get('neg_uniq', float('nan')):.2f} temp {rec.get('temp', args.temp):.4f} | "
                 f"R@1 txt itc {ev['itc_txt_r1']:.1f} itm {ev['itm_txt_r1']:.1f} it+ {ev['itmitc_txt_r1']:.1f} "
                 f"img itc {ev['itc_img_r1']:.1f} itm {ev['itm_img_r1']:.1f} it+ {ev['itmitc_img_r1']:.1f} "
                 f"(chance {ev['chance_txt_r1']:.2f}/{ev['chance_img_r1']:.2f}) | auc rnd {ev['itm_auc_random']:.2f} "
@@ -305,7 +339,12 @@ def main() -> None:
         mlm_ids, mlm_labels = mask_tokens(ids, vocab_size=tok.vocab_size, mask_token_id=tok.mask_token_id,
                                           special_token_ids=special, probability=cfg.mlm_probability)  # fmt: skip
         model.momentum_update()
-        out = model(img, ids, mask, mlm_ids, mlm_labels, alpha)
+        negs = {}
+        if args.itm_neg == "hard_after" and step < args.itm_random_steps:  # ("random" is the config field)
+            b_ = img.shape[0]  # uniform over the other in-batch items (never the positive)
+            negs = {"neg_image_idx": (torch.arange(b_) + torch.randint(1, b_, (b_,))) % b_,
+                    "neg_text_idx": (torch.arange(b_) + torch.randint(1, b_, (b_,))) % b_}  # fmt: skip
+        out = model(img, ids, mask, mlm_ids, mlm_labels, alpha, **negs)
         loss = args.w_itc * out.itc_loss + args.w_itm * out.itm_loss + args.w_mlm * out.mlm_loss
         extra = {}
         if args.grad_norms and (step + 1) in eval_steps:
@@ -320,7 +359,10 @@ def main() -> None:
         t_train += time.perf_counter() - t0
         window.append({"itc": out.itc_loss.item(), "itm": out.itm_loss.item(), "mlm": out.mlm_loss.item(),
                        "itc_acc": out.itc_acc.item(), "itm_acc": out.itm_acc.item(), "temp": out.temp.item(),
-                       "alpha": alpha, "lr": lr, **extra})  # fmt: skip
+                       "alpha": alpha, "lr": lr, **extra,
+                       # distinct images / texts among the B ITM negatives (uniform draws: ~0.64 at B=32)
+                       "neg_uniq": (out.neg_image_idx.unique().numel() + out.neg_text_idx.unique().numel())
+                       / (2 * img.shape[0])})  # fmt: skip
     (out_dir / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "history": history}, indent=1))
 
 

@@ -29,6 +29,7 @@ def build_model_config(section: ModelConfig, seed: int, prefix: str = "model") -
             momentum=section.momentum,
             temp=section.temp,
             mlm_probability=section.mlm_probability,
+            itm_negatives=section.itm_negatives,
             queue_seed=seed,
         )
     except ValueError as err:

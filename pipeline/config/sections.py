@@ -27,6 +27,7 @@ class ModelConfig:
     momentum: float = 0.995  # EMA coefficient m of the momentum encoders
     temp: float = 0.07  # initial ITC temperature (learned, clamped to [0.001, 0.5])
     mlm_probability: float = 0.15  # fraction of text tokens masked for MLM
+    itm_negatives: Literal["hard", "random"] = "hard"  # ITM negatives: by ITC similarity (paper) or uniform
     vision_weights: str | None = None  # DeiT-B/16 checkpoint to initialise the ViT; None = random init
     text_weights: str | None = None  # bert-base-uncased weights (dir or file); None = random init
 
