@@ -394,7 +394,10 @@ class ALBEFBase(nn.Module):
         )
         if neg_image_idx is None or neg_text_idx is None:
             b = image_feat.shape[0]
-            sampled = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, exclude=itc.positives[:, :b], generator=generator)
+            sims = (itc.sim_i2t, itc.sim_t2i)
+            if self.config.itm_negatives == "random":  # equal weights: uniform over the allowed in-batch items
+                sims = (torch.zeros_like(itc.sim_i2t), torch.zeros_like(itc.sim_t2i))
+            sampled = sample_hard_negatives(*sims, exclude=itc.positives[:, :b], generator=generator)
             neg_image_idx = sampled[0] if neg_image_idx is None else neg_image_idx
             neg_text_idx = sampled[1] if neg_text_idx is None else neg_text_idx
         itm, itm_acc = self._itm(image_kv, text_embeds, attention_mask, neg_image_idx, neg_text_idx)

@@ -64,9 +64,15 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6  # LayerNorm epsilon
     drop_path_rate: float = 0.0  # stochastic depth (ALBEF: none)
     in_chans: int = 3  # image channels
+    weight_init: Literal["timm", "fan_in"] = "timm"  # Linear weights of a fresh ViT: "timm" = truncated
+    # normal std 0.02 (ViT/DeiT; irrelevant once DeiT weights are loaded); "fan_in" = normal std
+    # 1/sqrt(fan_in) (LeCun), which keeps token features apart at a small width (the tiny preset)
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("image_size", "patch_size", "width", "depth", "num_heads", "in_chans"))
+        _check(
+            self.weight_init in ("timm", "fan_in"), self, "weight_init", self.weight_init, "must be 'timm' or 'fan_in'"
+        )
         _check(
             self.image_size % self.patch_size == 0,
             self,
@@ -123,6 +129,11 @@ class TextConfig:
     encoder_width: int = 768  # width of the image tokens the fusion layers cross-attend to
     pad_token_id: int = 0  # [PAD] id (used only as the embedding's padding_idx)
     hidden_act: Literal["gelu"] = "gelu"  # exact (erf) GELU, as HF BERT's "gelu"
+    initializer_range: float = 0.02  # std of the normal init of a fresh model's embeddings (HF BERT's name)
+    weight_init: Literal["bert", "fan_in"] = "bert"  # Linear weights of a fresh encoder: "bert" = normal std
+    # initializer_range (HF BERT); "fan_in" = normal std 1/sqrt(fan_in) (LeCun). At width 64, std 0.02 makes
+    # every sentence's [CLS] the same vector (mean pairwise cosine 1.0000): the tiny preset uses "fan_in".
+    # Layers loaded from a checkpoint (bert-base-uncased, an ALBEF run) ignore both.
 
     def __post_init__(self) -> None:
         _positive_ints(
@@ -168,6 +179,16 @@ class TextConfig:
         )
         _check(self.hidden_act == "gelu", self, "hidden_act", self.hidden_act, "only 'gelu' is supported")
         _probabilities(self, ("hidden_dropout", "attention_dropout"))
+        _check(
+            isinstance(self.initializer_range, float) and self.initializer_range > 0,
+            self,
+            "initializer_range",
+            self.initializer_range,
+            "must be a float > 0",
+        )
+        _check(
+            self.weight_init in ("bert", "fan_in"), self, "weight_init", self.weight_init, "must be 'bert' or 'fan_in'"
+        )
 
     @classmethod
     def from_hf_bert_config(cls, bert: dict[str, Any], **overrides: Any) -> TextConfig:
@@ -188,10 +209,12 @@ class TextConfig:
             "encoder_width": "encoder_width",
             "pad_token_id": "pad_token_id",
             "hidden_act": "hidden_act",
+            "initializer_range": "initializer_range",
         }
         kwargs = {ours: bert[theirs] for ours, theirs in names.items() if theirs in bert}
-        if "layer_norm_eps" in kwargs:
-            kwargs["layer_norm_eps"] = float(kwargs["layer_norm_eps"])
+        for name in ("layer_norm_eps", "initializer_range"):
+            if name in kwargs:
+                kwargs[name] = float(kwargs[name])
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -212,6 +235,10 @@ class ALBEFConfig:
     queue_seed: int = 0  # seed of the initial random queues: identical on every rank
     momentum_dropout: bool = False  # True: momentum encoders follow train()/eval() (official code);
     # False: they always run in eval mode, giving deterministic distillation targets (dinov2 teacher)
+    itm_negatives: Literal["hard", "random"] = "hard"  # ITM negatives per image and per text, in-batch:
+    # "hard" = drawn by ITC similarity (ALBEF); "random" = uniform. From scratch (the tiny preset's runs) a
+    # weak ITC makes the hard draws favour a few "hub" items, ITM learns which items are usually negative
+    # instead of whether the pair matches, and its loss stays at the 1:2 prior (0.64): "random" learns.
 
     def __post_init__(self) -> None:
         _check(isinstance(self.vision, VisionConfig), self, "vision", type(self.vision), "must be a VisionConfig")
@@ -249,6 +276,13 @@ class ALBEFConfig:
             isinstance(self.momentum_dropout, bool), self, "momentum_dropout", self.momentum_dropout, "must be a bool"
         )
         _check(
+            self.itm_negatives in ("hard", "random"),
+            self,
+            "itm_negatives",
+            self.itm_negatives,
+            "must be 'hard' or 'random'",
+        )
+        _check(
             self.text.encoder_width == self.vision.width,
             self,
             "text.encoder_width",
@@ -264,8 +298,14 @@ class ALBEFConfig:
 
     @classmethod
     def tiny(cls, image_size: int = 32, vocab_size: int = 30522, **overrides: Any) -> ALBEFConfig:
-        """Test size (a few M params, mostly the vocabulary): runs a step in milliseconds on a CPU."""
-        vision = VisionConfig(image_size=image_size, width=64, depth=2, num_heads=2)
+        """Test size (a few M params, mostly the vocabulary): runs a step in milliseconds on a CPU.
+
+        Trained from scratch (no checkpoint fits it), so two choices differ from ALBEF-base, both measured
+        on the synthetic set (bench/tiny_learning.py, issue 11): 8-px patches (a 64-px image is then an 8x8
+        grid; with 16-px patches the 4x4 grid loses the small shapes: a supervised colour probe reached
+        ~33% vs 94%) and fan-in weight init in both encoders (BERT's std 0.02 at width 64 collapses every
+        text feature onto one vector and ITC stays at chance)."""
+        vision = VisionConfig(image_size=image_size, patch_size=8, width=64, depth=2, num_heads=2, weight_init="fan_in")
         text = TextConfig(
             vocab_size=vocab_size,
             hidden_size=64,
@@ -274,6 +314,7 @@ class ALBEFConfig:
             num_layers=4,
             fusion_layer=2,
             encoder_width=64,
+            weight_init="fan_in",
         )
         kwargs: dict[str, Any] = {"embed_dim": 32, "queue_size": 64}
         kwargs.update(overrides)

@@ -314,11 +314,14 @@ class TextEncoder(nn.Module):
         self.cls: BertOnlyMLMHead | None = BertOnlyMLMHead(config) if with_mlm_head else None
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # HF BERT init (std 0.02); it matters only for the layers not loaded from a checkpoint
+    def _init_weights(self, module: nn.Module) -> None:
+        # HF BERT init (std initializer_range = 0.02), or fan-in Linear weights (config.weight_init);
+        # it matters only for the layers not loaded from a checkpoint
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+            std = self.config.initializer_range
+            if isinstance(module, nn.Linear) and self.config.weight_init == "fan_in":
+                std = module.in_features**-0.5
+            nn.init.normal_(module.weight, std=std)
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()

@@ -42,6 +42,10 @@ class VisionEncoder(VisionTransformer):
             drop_path_rate=config.drop_path_rate,
         )
         self.config = config
+        if config.weight_init == "fan_in":  # timm drew std 0.02 Linear weights; redraw them (biases stay 0)
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=module.in_features**-0.5)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.forward_features(image)

@@ -30,6 +30,7 @@ def build_model_config(section: ModelConfig, seed: int, prefix: str = "model") -
             temp=section.temp,
             mlm_probability=section.mlm_probability,
             momentum_dropout=section.momentum_dropout,
+            itm_negatives=section.itm_negatives,
             queue_seed=seed,
         )
     except ValueError as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import partial
 from pathlib import Path
@@ -96,12 +97,18 @@ def deit_like(image_size: int, width: int = 64, num_classes: int = 10) -> Vision
     )
 
 
+def _tiny16() -> ALBEFConfig:
+    """The tiny preset with ViT-B/16's 16-px patches (the preset itself uses 8-px ones), as deit_like."""
+    cfg = ALBEFConfig.tiny()
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, patch_size=16))
+
+
 def test_vision_weights_from_timm_file(tmp_path: Path) -> None:
     """A DeiT-style checkpoint file ({'model': sd}, 48 px, with a head) into a 32-px encoder."""
     source = deit_like(48)
     path = tmp_path / "deit.pth"
     torch.save({"model": source.state_dict()}, path)
-    cfg = ALBEFConfig.tiny()
+    cfg = _tiny16()
     model = build_albef(cfg)
     reports = init_from_pretrained(model, vision=path, text=None)
     report = reports["vision"]
@@ -116,11 +123,11 @@ def test_vision_mismatch_fails_loudly(tmp_path: Path) -> None:
     path = tmp_path / "wide.pth"
     torch.save(deit_like(32, width=128).state_dict(), path)
     with pytest.raises(ValueError, match="shape"):
-        load_vision_init(build_albef(ALBEFConfig.tiny()), path)
+        load_vision_init(build_albef(_tiny16()), path)
     partial_sd = {k: v for k, v in deit_like(32).state_dict().items() if not k.startswith("blocks.1.")}
     torch.save(partial_sd, path)
     with pytest.raises(WeightLoadError, match="blocks.1"):
-        load_vision_init(build_albef(ALBEFConfig.tiny()), path)
+        load_vision_init(build_albef(_tiny16()), path)
 
 
 def test_distilled_deit_drops_the_distillation_slot() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import run_demo
+from pipeline.demo import N_TEST, run_demo
 
-STAGES = ("synthesize", "prep", "pretrain", "eval_zero_shot", "finetune", "eval_fine_tuned")
+STAGES = ("synthesize", "prep", "pretrain", "zero_shot_curve", "eval_zero_shot", "finetune", "eval_fine_tuned")
 SCORES = ("itc", "itm", "itm_itc")
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean")
 
@@ -31,6 +31,13 @@ def test_demo_end_to_end_and_resume(tmp_path: Path, capsys) -> None:
     assert set(STAGES) <= set(report["wall_time_s"]) and all(report["wall_time_s"][s] > 0 for s in STAGES)
     tuned = report["metrics"]["fine_tuned"]["itm_itc"]
     assert tuned["r_mean"] > chance["r_mean"], (tuned, chance)
+    # the zero-shot R@1 curve: every pretraining checkpoint (every ceil(40 / 6) = 7 steps, and the last)
+    curve = report["zero_shot_curve"]
+    assert [p["step"] for p in curve] == [7, 14, 21, 28, 35, 40]
+    assert all(0 <= p[s] <= 100 for p in curve for s in SCORES)
+    last = report["metrics"]["zero_shot"]["itc"]
+    assert curve[-1]["itc"] == pytest.approx((last["txt_r1"] + last["img_r1"]) / 2)  # same checkpoint, same number
+    assert report["r1"]["chance"] == pytest.approx((chance["txt_r1"] + chance["img_r1"]) / 2)
     print("\nzero-shot r_mean:", {k: round(v["r_mean"], 1) for k, v in report["metrics"]["zero_shot"].items()},
           "\nfine-tuned r_mean:", {k: round(v["r_mean"], 1) for k, v in report["metrics"]["fine_tuned"].items()},
           "\nchance r_mean:", round(chance["r_mean"], 1),
@@ -39,7 +46,7 @@ def test_demo_end_to_end_and_resume(tmp_path: Path, capsys) -> None:
     # artifacts the summary points at
     assert (workdir / "report.png").stat().st_size > 0
     assert (workdir / "runs" / "finetune" / "checkpoints" / "best").is_dir()
-    assert json.loads((workdir / "data" / "test" / "manifest.json").read_text())["num_samples"] == 64
+    assert json.loads((workdir / "data" / "test" / "manifest.json").read_text())["num_samples"] == N_TEST
     assert f"tensorboard --logdir {workdir.resolve() / 'runs'}" in out
 
     # re-running resumes: every stage is skipped and the report is rewritten unchanged in metrics

@@ -129,7 +129,7 @@ def _write_ds(tmp_path: Path, body: dict) -> str:
         ({"zero_optimization": {"stage": 3}}, "cpu", 2, {}, "deepspeed.config", "stage 3"),
         ({"scheduler": {"type": "WarmupLR"}}, "cpu", 2, {}, "deepspeed.config", "scheduler"),
         ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, "cpu", 2, {}, "deepspeed.config", "optim.lr"),
-        (None, "cpu", 3, {}, "model.queue_size", "8 x 3 = 24"),  # 256 % 24 != 0
+        (None, "cpu", 3, {}, "model.queue_size", "32 x 3 = 96"),  # 64 % 96 != 0
         (None, "cpu", 1, {"data.train": "[/nonexistent/prep]"}, "data.train[0]", "manifest.json"),
     ],
 )
