@@ -11,6 +11,7 @@ there is no separate `decoder.weight` parameter that a state-dict load could unt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -296,6 +297,28 @@ def _cross_attention_one_image(
     return att.output(out[0].transpose(0, 1).reshape(r, width), x)
 
 
+def bert_weight_init(config: TextConfig) -> Callable[[nn.Module], None]:
+    """`module.apply` initialiser: HF BERT's (normal, std config.initializer_range = 0.02) or fan-in
+    Linear weights (config.weight_init). It matters only for layers not loaded from a checkpoint."""
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = config.initializer_range
+            if isinstance(module, nn.Linear) and config.weight_init == "fan_in":
+                std = module.in_features**-0.5
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    return init
+
+
 class TextEncoder(nn.Module):
     """BERT (no pooler) whose layers split into a text part and a fusion part, plus the MLM head (optional).
 
@@ -312,24 +335,7 @@ class TextEncoder(nn.Module):
         self.encoder = BertEncoder(config)
         # retrieval fine-tuning has no MLM loss, and fine-tuned checkpoints carry no head
         self.cls: BertOnlyMLMHead | None = BertOnlyMLMHead(config) if with_mlm_head else None
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # HF BERT init (std initializer_range = 0.02), or fan-in Linear weights (config.weight_init);
-        # it matters only for the layers not loaded from a checkpoint
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = self.config.initializer_range
-            if isinstance(module, nn.Linear) and self.config.weight_init == "fan_in":
-                std = module.in_features**-0.5
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.apply(bert_weight_init(config))
 
     def forward(
         self,

@@ -31,7 +31,7 @@ from model.heads.base import TaskModel
 from model.heads.convert import convert_task_state
 from model.heads.ve import meta_shapes
 from model.losses import fp32
-from model.text import BertEmbeddings, BertLayer, BertOnlyMLMHead, TextEncoder, build_text_encoder
+from model.text import BertEmbeddings, BertLayer, BertOnlyMLMHead, TextEncoder, bert_weight_init, build_text_encoder
 from model.vision import VisionEncoder, build_vision_encoder
 
 __all__ = [
@@ -112,7 +112,7 @@ class AnswerDecoder(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = _Layers([BertLayer(config, cross_attention=True) for _ in range(num_layers)])
         self.cls = BertOnlyMLMHead(config)
-        self.apply(TextEncoder._init_weights)
+        self.apply(bert_weight_init(config))
 
     def forward(
         self,

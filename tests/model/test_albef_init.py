@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+import model.text
 from model import ALBEFConfig, ModelConfigError, TextConfig, VisionConfig, build_albef
-from model.text import TextEncoder, build_text_encoder
+from model.text import build_text_encoder
 from model.vision import build_vision_encoder
 
 
@@ -49,7 +50,7 @@ def test_default_text_init_is_hf_bert_and_unchanged(monkeypatch) -> None:
     torch.manual_seed(0)
     enc = build_text_encoder(cfg)
 
-    def historical(self, module: nn.Module) -> None:
+    def historical(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
@@ -61,7 +62,7 @@ def test_default_text_init_is_hf_bert_and_unchanged(monkeypatch) -> None:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    monkeypatch.setattr(TextEncoder, "_init_weights", historical)
+    monkeypatch.setattr(model.text, "bert_weight_init", lambda config: historical)
     torch.manual_seed(0)
     ref = build_text_encoder(cfg)
     for (name, a), b in zip(enc.state_dict().items(), ref.state_dict().values(), strict=True):
