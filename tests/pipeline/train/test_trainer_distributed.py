@@ -42,6 +42,12 @@ RUN_ARGS = (
     "--train.keep_last=3",
     "--logging.log_every_steps=1",
     "--train.alpha_ramp_epochs=0.25",  # an epoch is 768 pairs = 48 steps here: ramp over 12, reach 0.4
+    # The geometry these tests assert (batch 8 x 2 ranks, queue 256, warm-up then cosine decay), pinned
+    # against the tiny recipe's own values (batch 32, queue 64, constant LR).
+    "--train.batch_size=8",
+    "--model.queue_size=256",
+    "--optim.lr=1e-3",
+    "--optim.min_lr=1e-5",
 )
 EXPECTED_SCALARS = {
     "train/loss_itc",

@@ -57,7 +57,8 @@ def test_safetensors_export_with_config_and_card_feeds_every_stage(tiny_run: dic
     assert loaded.model_config == side["model_config"] and loaded.step == 2
 
     card = out.with_suffix(".md").read_text()
-    assert "- vision: ViT, 32 px, patch 16" in card and "optimizer steps: 2" in card
+    patch = side["model_config"]["vision"]["patch_size"]
+    assert f"- vision: ViT, 32 px, patch {patch}" in card and "optimizer steps: 2" in card
     assert f"| train | `{tiny_run['train']}` | synthetic | train | 32 |" in card  # manifest with its counts
     assert "random initialisation" in card
     r_mean = from_run["metrics"]["itm"]["r_mean"]
