@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "webdataset>=0.2.5,<0.3",  # img2dataset pins the 0.2.x API
     "img2dataset==1.47.0",
     "pyarrow>=14",
+    "safetensors>=0.4",  # exports and weights-only reads (a format that cannot carry code)
     "tensorboard>=2.15",
     "fire>=0.5,<0.8",
     "pyyaml>=6",
