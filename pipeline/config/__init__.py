@@ -15,7 +15,6 @@ from pipeline.config.loader import (
 from pipeline.config.model import build_model_config
 from pipeline.config.paths import (
     CONFIG_DIR,
-    DS_CONFIG_DIR,
     REPO_ROOT,
     SLURM_TEMPLATE_DIR,
     resolve_config_file,
@@ -33,7 +32,6 @@ from pipeline.config.sections import (
 
 __all__ = [
     "CONFIG_DIR",
-    "DS_CONFIG_DIR",
     "REPO_ROOT",
     "SLURM_TEMPLATE_DIR",
     "ConfigError",

@@ -11,7 +11,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "pipeline" / "configs"
-DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 SLURM_TEMPLATE_DIR = REPO_ROOT / "slurm"
 
 

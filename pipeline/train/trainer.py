@@ -130,8 +130,6 @@ class Trainer:
         self.preemption = PreemptionHandler()
         self.preempt_marker = preemption.marker_path()  # the sbatch scripts requeue when it exists
         self.geometry = geometry
-        self.steps_per_epoch = geometry.steps_per_epoch
-        self.total_steps = geometry.total_steps
 
     # -- set-up ------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -218,7 +216,7 @@ class Trainer:
                 "samples_seen": s.samples_seen,
                 "bad_samples": s.bad_samples,
                 "best_value": s.best_value,
-                "epoch": s.step // self.steps_per_epoch,
+                "epoch": self.geometry.epoch_of(s.step),
             },
             "data": {
                 "seed": self.train_cfg.seed,
@@ -305,7 +303,7 @@ class Trainer:
         progress = self._progress_bar()
         self.engine.train()
         consecutive_skips = 0
-        while self.state.step < self.total_steps:
+        while self.state.step < self.geometry.total_steps:
             try:
                 nonfinite, samples, bad = self.train_step(batches, window)
             except DataWaitInterrupted as err:
@@ -333,11 +331,19 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"{consecutive_skips} fp16 overflow steps in a row (loss scale {self.loss_scale():g}); giving up"
                 )
-            if self.state.step % self.log_cfg.log_every_steps == 0 or self.state.step == self.total_steps or stop:
+            if (
+                self.state.step % self.log_cfg.log_every_steps == 0
+                or self.state.step == self.geometry.total_steps
+                or stop
+            ):
                 self._log(window, tb)
-            if self.state.step % self.steps_per_epoch == 0 and self._validate(tb):
+            if self.state.step % self.geometry.steps_per_epoch == 0 and self._validate(tb):
                 stop = True  # a stop signal arrived during validation
-            if self.state.step % self.train_cfg.save_every_steps == 0 or self.state.step == self.total_steps or stop:
+            if (
+                self.state.step % self.train_cfg.save_every_steps == 0
+                or self.state.step == self.geometry.total_steps
+                or stop
+            ):
                 self.save()
             if stop:
                 self._mark_preempted()
@@ -383,9 +389,9 @@ class Trainer:
             warmup_lr=self.optim_cfg.warmup_lr,
             min_lr=self.optim_cfg.min_lr,
             warmup_steps=self.geometry.warmup_steps,
-            total_steps=self.total_steps,
+            total_steps=self.geometry.total_steps,
             schedule=self.optim_cfg.schedule,
-            steps_per_epoch=self.steps_per_epoch,
+            steps_per_epoch=self.geometry.steps_per_epoch,
         )
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
@@ -468,7 +474,11 @@ class Trainer:
         if self.dist.is_main:
             tb.scalars(values, self.state.step)
             tb.flush()
-            logger.info(console_line(self.state.step, self.total_steps, self.state.step / self.steps_per_epoch, values))
+            logger.info(
+                console_line(
+                    self.state.step, self.geometry.total_steps, self.state.step / self.geometry.steps_per_epoch, values
+                )
+            )
 
     def _validate(self, tb: TBLogger) -> bool:
         """Validate (and save `best`); returns True when a stop signal interrupted it."""
@@ -504,7 +514,7 @@ class Trainer:
         mode = self.log_cfg.progress_bar
         if not self.dist.is_main or mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
             return None
-        return tqdm(total=self.total_steps, initial=self.state.step, desc=self.task.name, dynamic_ncols=True)
+        return tqdm(total=self.geometry.total_steps, initial=self.state.step, desc=self.task.name, dynamic_ncols=True)
 
 
 class _Window:
