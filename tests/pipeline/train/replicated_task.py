@@ -23,12 +23,11 @@ import sys
 import torch
 from torch import nn
 
-from pipeline.config import DeepSpeedSection, LoggingConfig, OptimConfig, TrainConfig
-from pipeline.runtime.distributed import device_for, dist_info_from_env, init_distributed
-from pipeline.runtime.ds_config import build_ds_config
+from pipeline.config import DeepSpeedSection, LoggingConfig, OptimConfig, TrainConfig, TrainingStageConfig
+from pipeline.runtime.distributed import device_for, dist_info_from_env
 from pipeline.runtime.logs import setup_logging
 from pipeline.runtime.preemption import check_stop
-from pipeline.train.geometry import derive_geometry
+from pipeline.train.launch import run_training
 from pipeline.train.task import StepOutput, TrainTask
 
 BATCH = 4
@@ -86,8 +85,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--signal_rank", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from pipeline.train.trainer import Trainer
-
     info = dist_info_from_env()
     setup_logging(info.rank)
     devices = {str(n): str(device_for(info, "cuda", device_count=n)) for n in (1, 2, 8)}
@@ -96,23 +93,13 @@ def main(argv: list[str]) -> int:
     train.device, train.keep_last = "cpu", 10
     optim = OptimConfig(lr=5e-2, warmup_lr=5e-3, min_lr=5e-3, warmup_steps=2, weight_decay=0.0)
     task = ReplicatedTask(info.world_size, args.signal_in_validation, args.signal_rank)
-    geometry = derive_geometry(train, optim, world_size=info.world_size, samples_per_epoch=task.samples_per_epoch())
-    ds = build_ds_config(
-        DeepSpeedSection(config="ds_configs/cpu.json").config, geometry=geometry, optim=optim, device="cpu"
-    )
-    init_distributed(info, "cpu")
-    trainer = Trainer(
-        task,
+    sections = TrainingStageConfig(  # only train/optim/deepspeed/logging are read: the task brings the rest
         train=train,
         optim=optim,
-        logging_cfg=LoggingConfig(log_every_steps=1, progress_bar="off"),
-        ds_config=ds,
-        dist_info=info,
-        device="cpu",
-        run_dir=args.run_dir,
-        geometry=geometry,
+        deepspeed=DeepSpeedSection(config="ds_configs/cpu.json"),
+        logging=LoggingConfig(log_every_steps=1, progress_bar="off"),
     )
-    return trainer.fit("auto")
+    return run_training(sections, args.run_dir, "auto", make_task=lambda info: task)
 
 
 if __name__ == "__main__":

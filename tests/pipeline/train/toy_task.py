@@ -12,13 +12,10 @@ import sys
 import torch
 from torch import nn
 
-from pipeline.config import DeepSpeedSection, LoggingConfig, OptimConfig, TrainConfig
-from pipeline.runtime.distributed import dist_info_from_env, init_distributed
-from pipeline.runtime.ds_config import build_ds_config
-from pipeline.runtime.logs import setup_logging
-from pipeline.train.geometry import derive_geometry
+from pipeline.config import DeepSpeedSection, LoggingConfig, OptimConfig, TrainConfig, TrainingStageConfig
+from pipeline.runtime.distributed import dist_info_from_env
+from pipeline.train.launch import run_training
 from pipeline.train.task import StepOutput, TrainTask
-from pipeline.train.trainer import NonFiniteLossError, Trainer
 
 
 def main(argv: list[str]) -> int:
@@ -78,8 +75,6 @@ def main(argv: list[str]) -> int:
             with torch.no_grad():
                 return {"score": -float(((model(x) - x @ self.w) ** 2).mean())}
 
-    info = dist_info_from_env()
-    setup_logging(info.rank)
     train = TrainConfig(
         batch_size=4,
         grad_accum_steps=args.grad_accum,
@@ -90,28 +85,14 @@ def main(argv: list[str]) -> int:
         device="cpu",
     )
     optim = OptimConfig(lr=1e-2, warmup_lr=1e-3, min_lr=1e-3, warmup_steps=2)
-    task = ToyTask()
-    geometry = derive_geometry(train, optim, world_size=info.world_size, samples_per_epoch=task.samples_per_epoch())
-    ds = build_ds_config(
-        DeepSpeedSection(config="ds_configs/cpu.json").config, geometry=geometry, optim=optim, device="cpu"
-    )
-    init_distributed(info, "cpu")
-    trainer = Trainer(
-        task,
+    # The real launch path: geometry, DeepSpeed dict, process group, Trainer (NaN -> exit 1, logged).
+    sections = TrainingStageConfig(  # only train/optim/deepspeed/logging are read: the task brings the rest
         train=train,
         optim=optim,
-        logging_cfg=LoggingConfig(log_every_steps=1, progress_bar="off"),
-        ds_config=ds,
-        dist_info=info,
-        device="cpu",
-        run_dir=args.run_dir,
-        geometry=geometry,
+        deepspeed=DeepSpeedSection(config="ds_configs/cpu.json"),
+        logging=LoggingConfig(log_every_steps=1, progress_bar="off"),
     )
-    try:
-        return trainer.fit("auto")
-    except NonFiniteLossError as err:
-        print(f"NonFiniteLossError: {err}", file=sys.stderr)
-        return 1
+    return run_training(sections, args.run_dir, "auto", make_task=lambda info: ToyTask())
 
 
 if __name__ == "__main__":
