@@ -15,7 +15,7 @@ from typing import Any
 
 from data_prep.errors import PrepOptionsError
 
-SOURCES = ("cc3m", "cc12m", "sbu", "coco", "vg", "flickr30k", "generic", "snli_ve")
+SOURCES = ("cc3m", "cc12m", "sbu", "coco", "vg", "flickr30k", "generic", "snli_ve", "vqa")
 SPLITS = ("train", "val", "test")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 GENERIC_FORMATS = ("parquet", "tsv", "csv", "json", "jsonl")
@@ -37,7 +37,7 @@ class PrepOptions:
         None  # train|val|test. coco/flickr30k: the Karpathy split (coco train = train+restval); else a label
     )
     image_root: str | None = (
-        None  # coco/flickr30k/generic/snli_ve: local folder (-> file:// URLs, names must stay inside) or http(s) base URL
+        None  # coco/flickr30k/generic/snli_ve/vqa: local folder (-> file:// URLs, names must stay inside) or http(s) base URL
     )
     regions: str | None = None  # vg: path of region_descriptions.json (--input is image_data.json)
     exclude: str | None = None  # vg: file of image ids to drop, one per line; "coco:ID" matches image_data's coco_id
@@ -48,6 +48,9 @@ class PrepOptions:
     id_col: str | None = None  # generic: image-id column (default: derived from the URL)
     input_format: str | None = None  # generic: parquet|tsv|csv|json|jsonl (default: from the file extension)
     duplicate_urls: str = "skip"  # one-caption-per-row sources: skip a repeated URL, or "merge" its captions
+    annotations: str | None = None  # vqa: v2_mscoco_*_annotations.json (--input is the questions json)
+    answer_list: str | None = None  # vqa: official answer_list.json to copy beside the shards
+    num_answers: int = 3128  # vqa: candidate answers kept when building the list from this split (paper: 3,128)
     # --- how img2dataset downloads and writes ---
     image_size: int = 384  # pixels (shorter side with keep_ratio); 384 keeps fine-tuning resolution
     resize_mode: str = "keep_ratio"  # img2dataset resize mode
@@ -78,6 +81,7 @@ SOURCE_OPTIONS: dict[str, frozenset[str]] = {
     "flickr30k": frozenset({"image_root"}),
     "generic": frozenset({"url_col", "caption_col", "id_col", "input_format", "duplicate_urls", "image_root"}),
     "snli_ve": frozenset({"image_root"}),
+    "vqa": frozenset({"image_root", "annotations", "answer_list", "num_answers"}),
 }
 _SPECIFIC = frozenset().union(*SOURCE_OPTIONS.values())
 _REQUIRED: dict[str, tuple[str, ...]] = {
@@ -85,6 +89,7 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "vg": ("regions",),
     "flickr30k": ("split", "image_root"),
     "snli_ve": ("image_root",),
+    "vqa": ("image_root",),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "split": SPLITS,
@@ -94,7 +99,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _MINIMUM: dict[str, int] = {
     "image_size": 1, "processes": 1, "threads": 1, "samples_per_shard": 1, "retries": 0, "timeout": 1,
-    "min_region_size": 0, "min_image_size": 0, "encode_quality": 0, "max_pixels": 1,
+    "min_region_size": 0, "min_image_size": 0, "encode_quality": 0, "max_pixels": 1, "num_answers": 1,
 }  # fmt: skip
 
 

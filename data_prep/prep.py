@@ -4,6 +4,7 @@ Layout of DIR (img2dataset owns `shards/`; our files stay beside it because its 
 parses every *.json inside its folder):
     DIR/img2dataset_input.parquet   rows grouped per image (url, caption, captions, image_id[, the
                                     source's per-caption columns, e.g. snli_ve's labels])
+    DIR/answer_list.json            vqa only: the candidate answers (data_prep/sources/vqa.py)
     DIR/shards/NNNNN.tar|.parquet|_stats.json
     DIR/manifest.json
 Re-running the same command on a partial DIR resumes: finished shards (those with a stats file)
@@ -43,7 +44,7 @@ from data_prep.img2ds import (
 )
 from data_prep.manifest import MANIFEST_NAME, build_manifest, shard_name, write_json_atomic
 from data_prep.options import PrepOptions, parse_options
-from data_prep.sources import READERS
+from data_prep.sources import READERS, SIDE_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def prepare(source: str, input: str | Path | None, output: str | Path | None, **
     fingerprint = rows_fingerprint(rows.rows, opts)
     _prepare_output(out_dir, shards_dir, input_parquet, fingerprint, opts.overwrite)
     write_input_parquet(rows.rows, input_parquet, fingerprint)
+    if source in SIDE_FILES:  # e.g. vqa's answer_list.json
+        SIDE_FILES[source](rows, opts, out_dir)
 
     expected_shards = math.ceil(len(rows.rows) / opts.samples_per_shard)
     unfinished = [k for k in range(expected_shards) if not (shards_dir / f"{shard_name(k)}_stats.json").is_file()]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from data_prep.options import PrepOptions
 from data_prep.records import SourceRows
-from data_prep.sources import cc3m, cc12m, coco, flickr30k, generic, sbu, snli_ve, vg
+from data_prep.sources import cc3m, cc12m, coco, flickr30k, generic, sbu, snli_ve, vg, vqa
 
 Reader = Callable[[Path, PrepOptions], SourceRows]
 
@@ -24,4 +24,9 @@ READERS: dict[str, Reader] = {
     "flickr30k": flickr30k.read,
     "generic": generic.read,
     "snli_ve": snli_ve.read,
+    "vqa": vqa.read,
 }
+
+# Files a source writes beside the shards from its rows (after the rows are read, before the download).
+SideFiles = Callable[[SourceRows, PrepOptions, Path], object]
+SIDE_FILES: dict[str, SideFiles] = {"vqa": vqa.write_answer_list}
