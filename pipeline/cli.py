@@ -35,6 +35,14 @@ class Finetune:
             config=config, checkpoint=checkpoint, output_dir=output_dir, resume=resume, overrides=overrides
         )
 
+    def vqa(self, config: str, checkpoint: str, output_dir: str, resume: str = "auto", **overrides: Any) -> int:
+        """Fine-tune for VQA v2 (answer decoder) from a pretraining (ours or official) checkpoint."""
+        from pipeline.stages.finetune_vqa import finetune_vqa
+
+        return finetune_vqa(
+            config=config, checkpoint=checkpoint, output_dir=output_dir, resume=resume, overrides=overrides
+        )
+
 
 class Evaluate:
     """Evaluation stages."""
@@ -54,6 +62,12 @@ class Evaluate:
         from pipeline.stages.evaluate_ve import evaluate_ve
 
         return evaluate_ve(checkpoint=checkpoint, data=data, output_dir=output_dir, overrides=overrides)
+
+    def vqa(self, checkpoint: str, data: str, output_dir: str, **overrides: Any) -> dict:
+        """VQA v2: answers (official result JSON) and, with answers, VQA accuracy on an `albef prep vqa` split."""
+        from pipeline.stages.evaluate_vqa import evaluate_vqa
+
+        return evaluate_vqa(checkpoint=checkpoint, data=data, output_dir=output_dir, overrides=overrides)
 
 
 class Slurm:

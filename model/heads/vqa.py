@@ -273,6 +273,19 @@ class ALBEFVQA(TaskModel):
         """Rank a candidate list (answer_ids / answer_mask [A, La], `[CLS] answer [SEP]`) for each question:
         top k by first-token probability, re-ranked by the answer log-likelihood (see the module doc)."""
         states = self.encode_question(image, question_ids, question_mask)
+        return self.rank_answers_from_states(states, question_mask, answer_ids, answer_mask, k)
+
+    @torch.no_grad()
+    def rank_answers_from_states(
+        self,
+        states: torch.Tensor,
+        question_mask: torch.Tensor,
+        answer_ids: torch.Tensor,
+        answer_mask: torch.Tensor,
+        k: int,
+    ) -> AnswerRanking:
+        """`rank_answers` from the question states [B, Lq, D] (evaluation encodes each image once for
+        all its questions)."""
         k = min(k, answer_ids.shape[0])
         first_topk_probs, first_topk_ids = self.first_token_probs(states, question_mask, answer_ids).topk(k, dim=1)
         token_logprobs = self.candidate_logprobs(
