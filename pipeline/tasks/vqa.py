@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 
 from model.config import ALBEFConfig
+from model.convert import to_official
+from model.heads.convert import is_official_pretrain
 from model.heads.vqa import ALBEFVQA, AnswerRanking, VQAConfig, build_vqa, load_vqa_state
 from pipeline.config import check
 from pipeline.data import build_eval_loader
@@ -106,10 +108,13 @@ def build_vqa_from_checkpoint(
     VQA checkpoint, or one of our VQA runs); returns (model, conversion report).
 
     A pre-trained checkpoint fills the answer decoder through the official VQA.py key loop (from the
-    fusion layers, embeddings and MLM head); every weight must come from the checkpoint
+    fusion layers, embeddings and MLM head; ours is put in that layout first); every weight must come from the checkpoint
     (`load_vqa_state` raises otherwise), so DeiT-style silent non-loading cannot happen.
     """
     model = build_vqa(VQAConfig(backbone=backbone, distill=distill, first_token_twice=first_token_twice))
+    if not any(k.startswith("text_decoder.") for k in state_dict) and not is_official_pretrain(state_dict):
+        # A pretraining checkpoint of ours: in the official layout, VQA.py's key loop builds the decoder.
+        state_dict = to_official(state_dict)
     if not distill:  # no teacher to fill: leave the checkpoint's momentum twins out of the report
         state_dict = {k: v for k, v in state_dict.items() if not k.split(".", 1)[0].endswith("_m")}
     return model, load_vqa_state(model, state_dict)
