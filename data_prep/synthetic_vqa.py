@@ -110,7 +110,9 @@ def write_synthetic_vqa(
                         "question_id": next_question,
                         "image_id": image_id,
                         "multiple_choice_answer": answer,
-                        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(human)],  # fmt: skip
+                        "answers": [
+                            {"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(human)
+                        ],  # fmt: skip
                     }
                 )
                 humans.append(human)

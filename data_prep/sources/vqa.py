@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +51,17 @@ DATASETS = ("vqa", "vg")
 _IMAGE_SUBTYPE = {"test-dev2015": "test2015"}
 
 
+@dataclass(slots=True)
 class Question:
     """One question record, read from either layout."""
 
-    __slots__ = ("where", "image_name", "image_id", "question", "question_id", "answers", "dataset")
-
-    def __init__(
-        self, where: str, image_name: str, image_id: str, question: str, question_id: str, answers: list[str] | None,
-        dataset: str,
-    ) -> None:  # fmt: skip
-        self.where, self.image_name, self.image_id = where, image_name, image_id
-        self.question, self.question_id, self.answers, self.dataset = question, question_id, answers, dataset
+    where: str  # "file: entry N" / "file: question N"
+    image_name: str  # relative to --image_root
+    image_id: str
+    question: str
+    question_id: str
+    answers: list[str] | None  # human answers; None in a split without answers
+    dataset: str  # "vqa" | "vg"
 
 
 def answer_weights(answers: list[str], dataset: str) -> tuple[list[str], list[float]]:
@@ -109,7 +110,10 @@ def read(path: Path, opts: PrepOptions) -> SourceRows:
 
 def _is_native(path: Path) -> bool:
     """A VQA v2 questions file is an object with "questions"; ALBEF's json is a list."""
-    return path.suffix.lower() == ".json" and path.is_file() and path.read_bytes()[:1] == b"{"
+    if not path.is_file():
+        return False  # load_json names the missing --input
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip()[:1] == b"{"
 
 
 def _text(value: Any, what: str, where: str) -> str:
@@ -150,7 +154,8 @@ def _albef(path: Path) -> Iterator[Question]:
         question_id = _text(record.get("question_id", f"{Path(image).stem}#{i}"), "question_id", where)
         question = record["question"] if isinstance(record["question"], str) else ""
         dataset = str(record.get("dataset", "vqa"))
-        yield Question(where, image, image.rsplit(".", 1)[0], question, question_id, _answers(record.get("answer"), where), dataset)  # fmt: skip
+        answers = _answers(record.get("answer"), where)
+        yield Question(where, image, image.rsplit(".", 1)[0], question, question_id, answers, dataset)
 
 
 def _native(path: Path, opts: PrepOptions, collector: RowCollector) -> Iterator[Question]:
@@ -159,7 +164,9 @@ def _native(path: Path, opts: PrepOptions, collector: RowCollector) -> Iterator[
         raise PrepInputError(str(path), "expected a VQA v2 questions file: an object with a 'questions' list")
     subtype = data.get("data_subtype")
     if not isinstance(subtype, str) or not subtype:
-        raise PrepInputError(str(path), "the questions file has no 'data_subtype' (e.g. train2014): image names need it")
+        raise PrepInputError(
+            str(path), "the questions file has no 'data_subtype' (e.g. train2014): image names need it"
+        )
     image_subtype = _IMAGE_SUBTYPE.get(subtype, subtype)
     answers = _native_answers(Path(opts.annotations)) if opts.annotations else None
     for i, record in enumerate(data["questions"]):

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from data_prep.sources.vqa import ANSWER_LIST  # written beside the shards by `albef prep vqa`
 from model.config import ALBEFConfig
 from model.convert import to_official
 from model.heads.convert import is_official_pretrain
@@ -36,8 +37,6 @@ from pipeline.retrieval.evaluate import _gather_objects
 from pipeline.tasks.metrics import vqa_accuracy
 
 logger = logging.getLogger(__name__)
-
-ANSWER_LIST = "answer_list.json"  # written beside the shards by `albef prep vqa`
 
 
 def resolve_answer_list(answer_list: str | None, data: str | Path | None) -> Path | None:
@@ -57,7 +56,9 @@ def read_answer_list(path: str | Path) -> list[str]:
     return answers
 
 
-def drop_sep(ids: torch.Tensor, mask: torch.Tensor, sep_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def drop_sep(
+    ids: torch.Tensor, mask: torch.Tensor, sep_token_id: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids / masks [N, L] without [SEP]: the official ALBEF tokenizer emits `[CLS] text` only, so
     the official checkpoints saw questions so (and the official answers carry a '[SEP]' typed into the text)."""
     keep = ids != sep_token_id
@@ -129,7 +130,9 @@ class VQAEvalConfig:
     """
 
     k_test: int = 128  # candidates re-ranked per question (official VQA.yaml: 128)
-    answer_list: str | None = None  # candidate answers json; None = DATA/answer_list.json (fine-tuning: data.train[0]'s)
+    answer_list: str | None = (
+        None  # candidate answers json; None = DATA/answer_list.json (fine-tuning: data.train[0]'s)
+    )
     image_batch_size: int = 16  # images per ViT forward (official batch_size_test: 16 questions)
     questions_per_batch: int = 64  # questions per ranking forward (x k_test decoder rows: the memory knob)
     max_words: int = 30  # pre_caption word cut of the questions (official max_ques_words)

@@ -151,9 +151,12 @@ def test_our_pretraining_checkpoint_builds_the_decoder_from_the_fusion_layers() 
     for i in range(model.config.num_decoder_layers):
         for ours, src in (("text_decoder", "text_encoder"), ("text_decoder_m", "text_encoder_m")):
             name = "crossattention.self.query.weight"
-            assert torch.equal(sd[f"{ours}.encoder.layer.{i}.{name}"], pretrained[f"{src}.encoder.layer.{fusion + i}.{name}"])
+            assert torch.equal(
+                sd[f"{ours}.encoder.layer.{i}.{name}"], pretrained[f"{src}.encoder.layer.{fusion + i}.{name}"]
+            )
     assert torch.equal(
-        sd["text_decoder.embeddings.word_embeddings.weight"], pretrained["text_encoder.embeddings.word_embeddings.weight"]
+        sd["text_decoder.embeddings.word_embeddings.weight"],
+        pretrained["text_encoder.embeddings.word_embeddings.weight"],
     )
 
 

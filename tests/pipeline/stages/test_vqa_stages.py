@@ -1,0 +1,121 @@
+"""VQA stages end to end on the CPU: `albef prep vqa` (real img2dataset) -> `albef finetune vqa` ->
+`albef evaluate vqa` on a held-out split (answer loss falls, VQA accuracy beats the majority answer,
+the official result JSON), plus the stages' config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.synthetic_vqa import write_synthetic_vqa
+from model.albef import build_albef
+from model.config import ALBEFConfig
+from pipeline.config import REPO_ROOT
+from pipeline.stages.evaluate_vqa import evaluate_vqa
+from pipeline.stages.finetune_vqa import finetune_vqa
+
+from pipeline_testutils import tb_scalars
+
+
+def _run(args: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    with open(log, "w") as fh:
+        code = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
+            timeout=900,
+        ).returncode  # fmt: skip
+    assert code == 0, log.read_text()[-4000:]
+
+
+def _initial_checkpoint(path: Path) -> Path:
+    """An exported-style pretraining checkpoint of the tiny ALBEF (random init: VQA learns from scratch)."""
+    torch.manual_seed(0)
+    cfg = ALBEFConfig.tiny(image_size=64, embed_dim=32, queue_size=64)
+    torch.save({"model": build_albef(cfg).state_dict(), "model_config": cfg.to_dict()}, path)
+    return path
+
+
+def test_config_and_input_errors_exit_2(tmp_path: Path, capfd) -> None:
+    ckpt = _initial_checkpoint(tmp_path / "init.pth")
+    run = str(tmp_path / "run")
+    code = finetune_vqa("vqa_tiny_cpu", str(ckpt), run, overrides={"data.train": f"[{tmp_path}/no]"})
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert "data.train[0]" in capfd.readouterr().err
+    code = finetune_vqa("vqa_tiny_cpu", str(ckpt), run, overrides={"eval.k_tset": 3})
+    assert code == 2 and "eval.k_tset" in capfd.readouterr().err
+    code = finetune_vqa("vqa_tiny_cpu", str(ckpt), run, overrides={"eval.k_test": 0, "data.train": f"[{tmp_path}]"})
+    assert code == 2 and "eval.k_test" in capfd.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        evaluate_vqa(str(tmp_path / "missing.pth"), str(tmp_path), str(tmp_path / "out"), {"device": "cpu"})
+    assert exc.value.code == 2 and not (tmp_path / "out").exists()
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(SystemExit) as exc:  # no --answer_list and none beside the shards
+        evaluate_vqa(str(ckpt), str(data), str(tmp_path / "out"), {"device": "cpu"})
+    assert exc.value.code == 2 and "answer_list" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_prep_finetune_evaluate_beats_the_majority_answer(tmp_path: Path) -> None:
+    synth = write_synthetic_vqa(
+        tmp_path / "raw", splits={"train": 300, "heldout": 50, "test": 10}, image_size=64, per_image=4,
+        no_answers=("test",),
+    )  # fmt: skip
+    prep = {}
+    for split in ("train", "heldout", "test"):
+        prep[split] = tmp_path / f"vqa_{split}"
+        answers = ["--annotations", str(synth.annotations[split])] if split in synth.annotations else []
+        _run(
+            ["prep", "vqa", "--input", str(synth.questions[split]), *answers, "--image_root", str(synth.image_root),
+             "--output", str(prep[split]), "--image_size=64", "--processes=1", "--threads=4",
+             "--samples_per_shard=100"],
+            tmp_path / f"prep_{split}.log",
+        )  # fmt: skip
+        manifest = json.loads((prep[split] / "manifest.json").read_text())
+        assert manifest["num_captions"] == synth.num_questions[split] and manifest["complete"]
+    answer_list = prep["train"] / "answer_list.json"
+    assert not (prep["test"] / "answer_list.json").exists()  # a split without answers builds no list
+    run = tmp_path / "ft"
+    _run(
+        ["finetune", "vqa", "--config", "vqa_tiny_cpu", "--checkpoint", str(_initial_checkpoint(tmp_path / "init.pth")),
+         "--output_dir", str(run), f"--data.train=[{prep['train']}]", f"--data.val={prep['heldout']}",
+         "--train.epochs=3", "--logging.progress_bar=off"],
+        tmp_path / "ft.log",
+    )  # fmt: skip
+    scalars = tb_scalars(run / "tensorboard")
+    losses, val = [v for _, v in scalars["train/loss_vqa"]], scalars["val/accuracy"]
+    assert len(losses) >= 20 and len(val) == 3  # 1200 questions / 16 = 75 steps per epoch, logged every 10
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses  # tiny fine-tuning lowers the answer loss
+    _run(
+        ["evaluate", "vqa", "--checkpoint", str(run), "--data", str(prep["heldout"]), "--output_dir", str(run),
+         f"--answer_list={answer_list}", "--num_workers=0", "--device=cpu"],
+        tmp_path / "eval.log",
+    )  # fmt: skip
+    report = json.loads((run / "eval" / "vqa_vqa_all.json").read_text())
+    assert report["num_questions"] == report["num_scored"] == 200 and report["num_images"] == 50
+    assert report["checkpoint_step"] == 225 and report["weights"]["missing"] == []
+    assert report["accuracy"] > report["majority_accuracy"] + 8.0, report  # measured: see the README
+    results = json.loads((run / "eval" / "vqa_vqa_all_results.json").read_text())
+    assert [r["question_id"] for r in results] == list(range(1201, 1401))
+    assert {r["answer"] for r in results} <= set(json.loads(answer_list.read_text()))
+    written = tb_scalars(run / "tensorboard")["eval/vqa_vqa_all/accuracy/all"]
+    assert written == [(225, pytest.approx(report["accuracy"]))]
+    # The test split (no answers): the result file for the server, no accuracy.
+    _run(
+        ["evaluate", "vqa", "--checkpoint", str(run), "--data", str(prep["test"]), "--output_dir", str(run),
+         f"--answer_list={answer_list}", "--num_workers=0", "--device=cpu", "--dataset=vqa_test"],
+        tmp_path / "eval_test.log",
+    )  # fmt: skip
+    test_report = json.loads((run / "eval" / "vqa_vqa_test_all.json").read_text())
+    assert test_report["accuracy"] is None and test_report["num_questions"] == 40
+    test_results = json.loads((run / "eval" / "vqa_vqa_test_all_results.json").read_text())
+    assert [r["question_id"] for r in test_results] == list(range(1401, 1441))
+    assert all(set(r) == {"question_id", "answer"} and isinstance(r["answer"], str) for r in test_results)
