@@ -137,7 +137,9 @@ class VQATask(AlbefTask):
     def build_model(self) -> nn.Module:
         if self._loaded is None:
             self._loaded = read_checkpoint(self.checkpoint)
-        model, _ = build_vqa_from_checkpoint(self._loaded.state_dict, self.model_config(), self.cfg.model.distill)
+        model, _ = build_vqa_from_checkpoint(
+            self._loaded.state_dict, self.model_config(), self.cfg.model.distill, self.cfg.eval.first_token_twice
+        )
         return model
 
     def model_inputs(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:

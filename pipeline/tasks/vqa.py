@@ -224,7 +224,12 @@ def evaluate_vqa_model(
         for batch in loader:
             if "labels" not in batch:
                 raise ValueError(f"{data}: samples carry no per-question `labels`; is it an `albef prep vqa` folder?")
-            questions = [(i, q, lab) for i, (qs, labs) in enumerate(zip(batch["captions"], batch["labels"])) for q, lab in zip(qs, labs) if q]  # fmt: skip
+            # Every question is answered, even one that cleaning emptied (the test server wants them all).
+            questions = [
+                (i, q, lab)
+                for i, (qs, labs) in enumerate(zip(batch["captions"], batch["labels"]))
+                for q, lab in zip(qs, labs)
+            ]
             images = batch["image"].to(device, dtype=dtype, non_blocking=True)
             for s in range(0, len(questions), cfg.questions_per_batch):
                 chunk = questions[s : s + cfg.questions_per_batch]

@@ -164,3 +164,16 @@ def test_result_entries_have_integer_ids_for_the_test_server() -> None:
     assert result_entry("262148000", "yes") == {"question_id": 262148000, "answer": "yes"}
     assert result_entry("img7#3", "2") == {"question_id": "img7#3", "answer": "2"}
     assert json.dumps([result_entry("5", "no")]) == '[{"question_id": 5, "answer": "no"}]'
+
+
+def test_stage_configs_load_with_the_official_values() -> None:
+    from pipeline.config import load_config
+    from pipeline.stages.finetune_vqa import VQAConfig
+
+    cfg = load_config(VQAConfig, "vqa", {})
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.alpha, cfg.train.alpha_ramp_epochs) == (32, 8, 0.4, 1.0)
+    assert (cfg.optim.lr, cfg.optim.warmup_lr, cfg.optim.min_lr, cfg.optim.weight_decay) == (2e-5, 1e-5, 1e-6, 0.02)
+    assert cfg.model.image_res == 384 and cfg.model.distill and cfg.eval.k_test == 128 and cfg.data.max_tokens == 25
+    assert len(cfg.data.train) == 3 and cfg.data.val is None  # train + val + VG, as the paper
+    tiny = load_config(VQAConfig, "vqa_tiny_cpu", {"data.train": "[/x]"})
+    assert tiny.model.preset == "tiny" and tiny.train.device == "cpu"
