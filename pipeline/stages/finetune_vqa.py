@@ -42,6 +42,7 @@ from pipeline.runtime.io import LoadedCheckpoint, read_checkpoint
 from pipeline.tasks.vqa import (
     VQAEvalConfig,
     build_vqa_from_checkpoint,
+    check_vqa_weights,
     evaluate_vqa_model,
     read_answer_list,
     resolve_answer_list,
@@ -100,24 +101,6 @@ class VQAConfig(TrainingStageConfig):
     eval: VQAEvalConfig = field(default_factory=VQAEvalConfig)
 
 
-def check_runtime(checkpoint: str) -> Callable[[VQAConfig, DistInfo, str], None]:
-    """The stage's checks that need the file system (ConfigError naming the key)."""
-
-    def _check(cfg: VQAConfig, info: DistInfo, device: str) -> None:
-        check(Path(checkpoint).exists(), "checkpoint", f"not found: {checkpoint}")
-        folders = [(f"data.train[{i}]", f) for i, f in enumerate(cfg.data.train)]
-        check_prep_folders(folders + ([("data.val", cfg.data.val)] if cfg.data.val is not None else []))
-        if cfg.data.val is not None:
-            path = resolve_answer_list(cfg.eval.answer_list, cfg.data.train[0])
-            check(path is not None, "eval.answer_list", f"not given and {cfg.data.train[0]} has no answer_list.json")
-            try:
-                read_answer_list(path)  # type: ignore[arg-type]
-            except (OSError, ValueError) as err:
-                raise ConfigError("eval.answer_list", str(err)) from None
-
-    return _check
-
-
 class VQATask(AlbefTask):
     """VQA fine-tuning: weighted answer loss with distillation, validated by VQA accuracy."""
 
@@ -134,11 +117,18 @@ class VQATask(AlbefTask):
     def queue_size(self) -> int | None:
         return None  # the VQA model has no ITC queue
 
-    def build_model(self) -> nn.Module:
+    def initial_weights(self) -> LoadedCheckpoint:
+        """The checkpoint to start from, read once (weights-only)."""
         if self._loaded is None:
             self._loaded = read_checkpoint(self.checkpoint)
+        return self._loaded
+
+    def build_model(self) -> nn.Module:
         model, _ = build_vqa_from_checkpoint(
-            self._loaded.state_dict, self.model_config(), self.cfg.model.distill, self.cfg.eval.first_token_twice
+            self.initial_weights().state_dict,
+            self.model_config(),
+            self.cfg.model.distill,
+            self.cfg.eval.first_token_twice,
         )
         return model
 
@@ -178,6 +168,30 @@ class VQATask(AlbefTask):
         return {**super().export_extra(), "task": "vqa", "distill": self.cfg.model.distill}
 
 
+def check_runtime(task: VQATask) -> Callable[[VQAConfig, DistInfo, str], None]:
+    """The stage's checks that need the file system (ConfigError naming the key), the initial
+    checkpoint included: it is read here (weights-only), checked against the VQA model and kept for
+    `build_model`, so a file that cannot be read or does not fit fails before the run folder is written."""
+
+    def _check(cfg: VQAConfig, info: DistInfo, device: str) -> None:
+        check(Path(task.checkpoint).exists(), "checkpoint", f"not found: {task.checkpoint}")
+        folders = [(f"data.train[{i}]", f) for i, f in enumerate(cfg.data.train)]
+        check_prep_folders(folders + ([("data.val", cfg.data.val)] if cfg.data.val is not None else []))
+        if cfg.data.val is not None:
+            path = resolve_answer_list(cfg.eval.answer_list, cfg.data.train[0])
+            check(path is not None, "eval.answer_list", f"not given and {cfg.data.train[0]} has no answer_list.json")
+            try:
+                read_answer_list(path)  # type: ignore[arg-type]
+            except (OSError, ValueError) as err:
+                raise ConfigError("eval.answer_list", str(err)) from None
+        try:
+            check_vqa_weights(task.initial_weights().state_dict, task.model_config(), cfg.model.distill)
+        except (OSError, ValueError) as err:
+            raise ConfigError("checkpoint", str(err)) from None
+
+    return _check
+
+
 def finetune_vqa(
     config: str, checkpoint: str, output_dir: str, resume: str = "auto", overrides: dict[str, Any] | None = None
 ) -> int:
@@ -186,6 +200,5 @@ def finetune_vqa(
         cfg = load_config(VQAConfig, config, strip_launcher_keys(overrides))
     except ConfigError as err:
         return config_error_exit(err)
-    return run_training(
-        cfg, output_dir, resume, make_task=lambda info: VQATask(cfg, checkpoint), check=check_runtime(checkpoint)
-    )
+    task = VQATask(cfg, checkpoint)
+    return run_training(cfg, output_dir, resume, make_task=lambda info: task, check=check_runtime(task))

@@ -28,7 +28,8 @@ import torch
 from data_prep.sources.vqa import ANSWER_LIST  # written beside the shards by `albef prep vqa`
 from model.config import ALBEFConfig
 from model.convert import to_official
-from model.heads.convert import is_official_pretrain
+from model.heads.convert import convert_task_state, is_official_pretrain
+from model.heads.ve import meta_shapes
 from model.heads.vqa import ALBEFVQA, AnswerRanking, VQAConfig, build_vqa, load_vqa_state
 from pipeline.config import check
 from pipeline.data import build_eval_loader
@@ -102,6 +103,34 @@ def training_answers(
     return answers, torch.tensor(weights, dtype=torch.float32), torch.tensor(counts, dtype=torch.long)
 
 
+def _source_weights(state_dict: dict[str, torch.Tensor], distill: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as `load_vqa_state` takes them: a pretraining checkpoint of ours is put in
+    the official layout (VQA.py's key loop then builds the decoder); without distillation the momentum
+    twins are left out (no teacher to fill, nothing to report)."""
+    if not any(k.startswith("text_decoder.") for k in state_dict) and not is_official_pretrain(state_dict):
+        state_dict = to_official(state_dict)
+    if not distill:
+        state_dict = {k: v for k, v in state_dict.items() if not k.split(".", 1)[0].endswith("_m")}
+    return state_dict
+
+
+def check_vqa_weights(state_dict: dict[str, torch.Tensor], backbone: ALBEFConfig, distill: bool) -> None:
+    """Raise ValueError naming the missing weights when the checkpoint cannot fill the VQA model (checked
+    on the meta device, before any run folder is written)."""
+    config = VQAConfig(backbone=backbone, distill=distill)
+    _, report = convert_task_state(
+        _source_weights(state_dict, distill),
+        meta_shapes(build_vqa, config),
+        task="vqa",
+        fusion_layer=backbone.text.fusion_layer,
+    )
+    if report.missing:
+        raise ValueError(
+            f"the checkpoint does not fit the VQA model: {len(report.missing)} weights missing "
+            f"(e.g. {report.missing[:3]}); expected an ALBEF pretraining or VQA checkpoint"
+        )
+
+
 def build_vqa_from_checkpoint(
     state_dict: dict[str, torch.Tensor], backbone: ALBEFConfig, distill: bool, first_token_twice: bool = False
 ) -> tuple[ALBEFVQA, Any]:
@@ -109,16 +138,11 @@ def build_vqa_from_checkpoint(
     VQA checkpoint, or one of our VQA runs); returns (model, conversion report).
 
     A pre-trained checkpoint fills the answer decoder through the official VQA.py key loop (from the
-    fusion layers, embeddings and MLM head; ours is put in that layout first); every weight must come from the checkpoint
-    (`load_vqa_state` raises otherwise), so DeiT-style silent non-loading cannot happen.
+    fusion layers, embeddings and MLM head; ours is put in that layout first); every weight must come
+    from the checkpoint (`load_vqa_state` raises otherwise), so DeiT-style silent non-loading cannot happen.
     """
     model = build_vqa(VQAConfig(backbone=backbone, distill=distill, first_token_twice=first_token_twice))
-    if not any(k.startswith("text_decoder.") for k in state_dict) and not is_official_pretrain(state_dict):
-        # A pretraining checkpoint of ours: in the official layout, VQA.py's key loop builds the decoder.
-        state_dict = to_official(state_dict)
-    if not distill:  # no teacher to fill: leave the checkpoint's momentum twins out of the report
-        state_dict = {k: v for k, v in state_dict.items() if not k.split(".", 1)[0].endswith("_m")}
-    return model, load_vqa_state(model, state_dict)
+    return model, load_vqa_state(model, _source_weights(state_dict, distill))
 
 
 @dataclass

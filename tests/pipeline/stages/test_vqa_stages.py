@@ -51,8 +51,19 @@ def test_config_and_input_errors_exit_2(tmp_path: Path, capfd) -> None:
     assert "data.train[0]" in capfd.readouterr().err
     code = finetune_vqa("vqa_tiny_cpu", str(ckpt), run, overrides={"eval.k_tset": 3})
     assert code == 2 and "eval.k_tset" in capfd.readouterr().err
-    code = finetune_vqa("vqa_tiny_cpu", str(ckpt), run, overrides={"eval.k_test": 0, "data.train": f"[{tmp_path}]"})
+    code = finetune_vqa("vqa_tiny_cpu", str(ckpt), run, overrides={"eval.k_test": 0, "data.train": "[/x]"})
     assert code == 2 and "eval.k_test" in capfd.readouterr().err
+    data_dir = tmp_path / "prep"
+    data_dir.mkdir()
+    (data_dir / "manifest.json").write_text(json.dumps({"format_version": 1, "source": "vqa", "shards": []}))
+    not_albef = tmp_path / "not_albef.pth"
+    torch.save({"model": {"classifier.weight": torch.zeros(2, 2)}}, not_albef)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    for bad in (not_albef, garbage):  # read and checked before the run folder is written
+        code = finetune_vqa("vqa_tiny_cpu", str(bad), run, overrides={"data.train": f"[{data_dir}]"})
+        assert code == 2 and not (tmp_path / "run").exists()
+        assert "'checkpoint'" in capfd.readouterr().err
     with pytest.raises(SystemExit) as exc:
         evaluate_vqa(str(tmp_path / "missing.pth"), str(tmp_path), str(tmp_path / "out"), {"device": "cpu"})
     assert exc.value.code == 2 and not (tmp_path / "out").exists()
