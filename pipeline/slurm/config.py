@@ -191,7 +191,9 @@ def validate(s: SlurmSettings) -> None:
                 raise ConfigError(f"{key}.options.{name}", "set by the submitter (use inputs / name)")
         for feed in src.feeds:
             if not _FEED_RE.match(feed):
-                raise ConfigError(f"{key}.feeds", f"{feed!r} is not 'pretrain:<key>', 'ta:<key>', 'finetune:<key>' or 'eval'")
+                raise ConfigError(
+                    f"{key}.feeds", f"{feed!r} is not 'pretrain:<key>', 'ta:<key>', 'finetune:<key>' or 'eval'"
+                )
 
 
 def eval_task(s: SlurmSettings) -> str:
@@ -207,8 +209,12 @@ def check_tasks(s: SlurmSettings) -> None:
             raise ConfigError(key, f"{task!r} is not a task; choose one of {', '.join(TASKS)}")
     task = eval_task(s)
     if s.eval.k_test is not None and task != "retrieval":
+        raise ConfigError("eval.k_test", f"retrieval only (eval task is {task!r}); set task options in eval.overrides")
+    if "pretrain" in s.eval.checkpoints and task != "retrieval":
         raise ConfigError(
-            "eval.k_test", f"retrieval only (eval task is {task!r}); set task options in eval.overrides"
+            "eval.checkpoints",
+            f"'pretrain' is retrieval's zero-shot evaluation; a pretraining checkpoint has no {task!r} head "
+            "(list its path to evaluate it anyway)",
         )
     tuned = [c for c in s.eval.checkpoints if c in FINETUNE_CHECKPOINTS]
     if tuned and task != s.finetune.task:

@@ -48,12 +48,22 @@ def ve_chain_settings(tmp_path: Path) -> tuple[Path, int]:
         "prep": {
             "resources": {"cpus_per_task": 1, "time": "00:20:00"},
             "sources": [
-                {"name": "ve_train", "source": "snli_ve", "inputs": [str(synth.jsonl["train"])],
-                 "options": prep_options, "feeds": ["finetune:data.train"]},
-                {"name": "ve_heldout", "source": "snli_ve", "inputs": [str(synth.jsonl["heldout"])],
-                 "options": prep_options, "feeds": ["finetune:data.val", "eval"]},
+                {
+                    "name": "ve_train",
+                    "source": "snli_ve",
+                    "inputs": [str(synth.jsonl["train"])],
+                    "options": prep_options,
+                    "feeds": ["finetune:data.train"],
+                },
+                {
+                    "name": "ve_heldout",
+                    "source": "snli_ve",
+                    "inputs": [str(synth.jsonl["heldout"])],
+                    "options": prep_options,
+                    "feeds": ["finetune:data.val", "eval"],
+                },
             ],
-        },  # fmt: skip
+        },
         "finetune": {
             "task": "ve",
             "config": "ve_tiny_cpu.yaml",

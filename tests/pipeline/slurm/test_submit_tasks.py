@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.cli import Evaluate, Finetune
-from pipeline.config import ConfigError
+from pipeline.config import REPO_ROOT, ConfigError
 from pipeline.slurm.config import TASKS, load_settings
 from pipeline.slurm.submit import Plan, PlannedJob, build_plan, submit_command
 
@@ -31,10 +32,20 @@ def write_settings(tmp_path: Path, task: str, **extra: object) -> Path:
         "run_dir": str(tmp_path / "run"),
         "prep": {
             "sources": [
-                {"name": f"{task}_train", "source": source, "inputs": [str(tmp_path / "train.json")],
-                 "options": {"split": "train"}, "feeds": ["finetune:data.train"]},
-                {"name": f"{task}_val", "source": source, "inputs": [str(tmp_path / "val.json")],
-                 "options": {"split": "val"}, "feeds": ["finetune:data.val", "eval"]},
+                {
+                    "name": f"{task}_train",
+                    "source": source,
+                    "inputs": [str(tmp_path / "train.json")],
+                    "options": {"split": "train"},
+                    "feeds": ["finetune:data.train"],
+                },
+                {
+                    "name": f"{task}_val",
+                    "source": source,
+                    "inputs": [str(tmp_path / "val.json")],
+                    "options": {"split": "val"},
+                    "feeds": ["finetune:data.val", "eval"],
+                },
             ]
         },  # fmt: skip
         "pretrain": {"config": str(tmp_path / "pre.yaml")},
@@ -165,6 +176,7 @@ def test_ta_checkpoints_without_ta_in_the_chain(tmp_path: Path) -> None:
         ({"eval.task": "Retrieval"}, "eval.task"),
         ({"eval.k_test": 16, "finetune.task": "vqa"}, "eval.k_test"),
         ({"eval.task": "retrieval"}, "eval.task"),  # fine-tuning's ve model evaluated as retrieval
+        ({"eval.checkpoints": ["finetune", "pretrain"]}, "eval.checkpoints"),  # zero-shot: retrieval only
         ({"ta.overrides": {"checkpoint": "/x.pth"}}, "ta.overrides.checkpoint"),
         ({"prep.sources.0.feeds": ["tb:data.train"]}, "prep.sources.0.feeds"),
         ({"ta.resources.ntasks_per_node": 2, "ta.resources.gpus_per_node": 4}, "ta.resources.ntasks_per_node"),
@@ -265,3 +277,21 @@ def test_sbatch_scripts_run_the_planned_task_and_pass_ta_args_on(tmp_path: Path)
     assert started["eval"][3:] == [
         "evaluate", "nlvr", f"--checkpoint={run}/finetune/checkpoints/best", f"--data={run}/prep/nlvr_val", f"--output_dir={run}/finetune",
     ]  # fmt: skip
+
+
+def test_readme_ve_chain_example_plans(tmp_path: Path) -> None:
+    """The SNLI-VE settings of the README's SLURM section are valid and chain what they say."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    (block,) = re.findall(r"```yaml\n(# ve_chain\.yaml.*?)```", readme, re.S)
+    (tmp_path / "ve_chain.yaml").write_text(block)
+    plan = plan_for(tmp_path / "ve_chain.yaml", ["prep", "finetune", "eval"])
+    run = Path("/scratch/albef/runs/ve")
+    assert [j.name for j in plan.jobs] == ["prep", "prep_check", "finetune", "eval"]
+    assert script_args(plan.jobs[2])[1][:4] == [
+        "ve", f"{run}/finetune", str(REPO_ROOT / "pipeline" / "configs" / "ve_snli.yaml"),
+        "/scratch/albef/runs/4m/pretrain",
+    ]  # fmt: skip
+    assert script_args(plan.jobs[3])[1][0] == "ve"
+    assert plan.task_files[run / "slurm" / "eval_tasks.tsv"] == (
+        f"--checkpoint={run}/finetune/checkpoints/best\t--data={run}/prep/snli_ve_test\t--output_dir={run}/finetune\n"
+    )
