@@ -4,9 +4,9 @@ The chain is linear: prep array -> prep check -> pretrain -> ta -> finetune -> e
 subset, in that order), each job with `--dependency=afterok:<previous>` (an array id waits for every
 task of the array). `ta` is NLVR2's text-assignment pretraining (pretrain.sbatch with
 `--checkpoint`); finetune and eval run `albef finetune TASK` / `albef evaluate TASK` for the
-settings' task. A job script
-gets its values only from its sbatch command line and `--export`, so the printed lines (`--dry_run`)
-are the whole story: a user can copy them, edit them, or run the scripts by hand.
+settings' task. A job script gets its values only from its sbatch command line and `--export`, so
+the printed lines (`--dry_run`) are the whole story: a user can copy them, edit them, or run the
+scripts by hand.
 
 When a submission fails half-way, the jobs already submitted are cancelled (scancel) and the error
 says so; if cancelling fails too, the ids to cancel are printed. A run folder whose last submission
