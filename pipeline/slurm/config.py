@@ -17,10 +17,15 @@ from typing import Any
 from pipeline.config import ConfigError, apply_overrides, from_dict, read_yaml, resolve_config_file
 from pipeline.config.paths import CONFIG_DIR
 
-STAGES = ("prep", "pretrain", "finetune", "eval")
+STAGES = ("prep", "pretrain", "ta", "finetune", "eval")  # the chain's order; any subset runs in it
+# The downstream tasks: `albef finetune TASK` / `albef evaluate TASK` (pipeline/cli.py Finetune,
+# Evaluate). The one list `finetune.task` and `eval.task` are checked against.
+TASKS = ("retrieval", "ve", "vqa", "nlvr", "grounding")
+# eval.checkpoints entries naming fine-tuning's output (the others: "pretrain", or a path).
+FINETUNE_CHECKPOINTS = ("finetune", "finetune:best", "finetune:latest")
 # SLURM time syntax: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
-_FEED_RE = re.compile(r"^(eval|(pretrain|finetune):[A-Za-z_][\w.]*)$")
+_FEED_RE = re.compile(r"^(eval|(pretrain|ta|finetune):[A-Za-z_][\w.]*)$")
 
 
 @dataclass
@@ -56,10 +61,12 @@ class PrepSource:
     """One source to ingest; one prep array task per entry of `inputs` (a file or a chunk of one)."""
 
     name: str = ""  # folder name under RUN/prep/ (chunks: RUN/prep/NAME/part-000, ...)
-    source: str = ""  # the `albef prep SOURCE` (cc3m, cc12m, sbu, coco, vg, flickr30k, generic)
+    source: str = ""  # the `albef prep SOURCE` (cc3m, coco, ..., snli_ve; see `albef prep --help`)
     inputs: list[str] = field(default_factory=list)  # input file(s) for --input
     options: dict[str, Any] = field(default_factory=dict)  # other `albef prep` flags: {split: test, ...}
-    feeds: list[str] = field(default_factory=list)  # where the folders go: "pretrain:data.train", "eval", ...
+    # where the folders go: "STAGE:KEY" (STAGE pretrain, ta or finetune; KEY a dotted config key:
+    # "finetune:data.train", "finetune:data.val") or "eval" (the eval data, whatever eval.task)
+    feeds: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -79,10 +86,25 @@ class PretrainStage:
 
 
 @dataclass
+class TAStage:
+    """NLVR2's text-assignment pretraining (`albef pretrain --config nlvr_ta.yaml --checkpoint CK`):
+    more pretraining from a pretrained model, before `finetune` with task nlvr. Runs through
+    pretrain.sbatch into RUN/ta."""
+
+    resources: Resources = field(default_factory=Resources)
+    config: str = "nlvr_ta.yaml"  # a path, or a name in pipeline/configs/
+    checkpoint: str | None = None  # weights to start from; None = this run's pretrain folder
+    overrides: dict[str, Any] = field(default_factory=dict)  # --a.b=value passed to `albef pretrain`
+    preempt_grace_s: int = 300  # as pretrain
+
+
+@dataclass
 class FinetuneStage:
     resources: Resources = field(default_factory=Resources)
-    config: str = "retrieval_tiny_cpu.yaml"  # a path, or a name in pipeline/configs/
-    checkpoint: str | None = None  # pretrained weights; None = this run's pretrain folder
+    task: str = "retrieval"  # `albef finetune TASK`: one of TASKS
+    config: str = "retrieval_tiny_cpu.yaml"  # a path, or a name in pipeline/configs/ (the task's config)
+    # pretrained weights; None = this run's ta folder when `ta` is submitted with it, else its pretrain folder
+    checkpoint: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     preempt_grace_s: int = 300  # as pretrain; a signal during validation stops it within a batch
 
@@ -90,11 +112,12 @@ class FinetuneStage:
 @dataclass
 class EvalStage:
     resources: Resources = field(default_factory=Resources)
+    task: str | None = None  # `albef evaluate TASK`: one of TASKS; None = finetune.task
     # "finetune" = fine-tuning's `best` tag (its `latest` when it has no data.val), "finetune:latest",
     # "pretrain" = pretraining's latest; anything else is a path.
     checkpoints: list[str] = field(default_factory=lambda: ["finetune"])
     data: list[str] = field(default_factory=list)  # eval prep folders, besides prep sources fed to "eval"
-    k_test: int | None = None  # ITM re-ranking depth; None = the stage's default
+    k_test: int | None = None  # retrieval only: ITM re-ranking depth; None = the stage's default
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,6 +130,7 @@ class SlurmSettings:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     prep: PrepStage = field(default_factory=PrepStage)
     pretrain: PretrainStage = field(default_factory=PretrainStage)
+    ta: TAStage = field(default_factory=TAStage)
     finetune: FinetuneStage = field(default_factory=FinetuneStage)
     eval: EvalStage = field(default_factory=EvalStage)
 
@@ -142,17 +166,18 @@ def validate(s: SlurmSettings) -> None:
             raise ConfigError(f"{key}.time", f"{r.time!r} is not SLURM time syntax (e.g. 2-00:00:00, 04:00:00, 90)")
         if r.max_parallel is not None and r.max_parallel < 1:
             raise ConfigError(f"{key}.max_parallel", f"must be >= 1, got {r.max_parallel}")
-    for stage in ("pretrain", "finetune", "eval"):
+    for stage in ("pretrain", "ta", "finetune", "eval"):
         check_gpu_binding(getattr(s, stage).resources, s.cluster.sbatch_args, f"{stage}.resources")
-    for stage in ("pretrain", "finetune"):
+    for stage in ("pretrain", "ta", "finetune"):
         if getattr(s, stage).preempt_grace_s < 1:
             raise ConfigError(f"{stage}.preempt_grace_s", "must be >= 1 second")
+    check_tasks(s)
     if "," in s.albef_command or (s.env_setup and "," in s.env_setup):
         raise ConfigError("albef_command/env_setup", "no commas (they travel in sbatch --export)")
     seen: set[str] = set()
     for i, src in enumerate(s.prep.sources):
         key = f"prep.sources.{i}"
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", src.name):
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", src.name):
             raise ConfigError(f"{key}.name", f"{src.name!r} must be a plain folder name")
         if src.name in seen:
             raise ConfigError(f"{key}.name", f"{src.name!r} used twice")
@@ -166,7 +191,41 @@ def validate(s: SlurmSettings) -> None:
                 raise ConfigError(f"{key}.options.{name}", "set by the submitter (use inputs / name)")
         for feed in src.feeds:
             if not _FEED_RE.match(feed):
-                raise ConfigError(f"{key}.feeds", f"{feed!r} is not 'pretrain:<key>', 'finetune:<key>' or 'eval'")
+                raise ConfigError(
+                    f"{key}.feeds", f"{feed!r} is not 'pretrain:<key>', 'ta:<key>', 'finetune:<key>' or 'eval'"
+                )
+
+
+def eval_task(s: SlurmSettings) -> str:
+    """The task `albef evaluate` runs: eval.task, else fine-tuning's."""
+    return s.eval.task or s.finetune.task
+
+
+def check_tasks(s: SlurmSettings) -> None:
+    """Task names from TASKS; options that only one task has are not given to another; fine-tuning's
+    checkpoint is evaluated only by the task it was fine-tuned for."""
+    for key, task in (("finetune.task", s.finetune.task), ("eval.task", s.eval.task)):
+        if task is not None and task not in TASKS:
+            raise ConfigError(key, f"{task!r} is not a task; choose one of {', '.join(TASKS)}")
+    task = eval_task(s)
+    if s.eval.k_test is not None and task != "retrieval":
+        raise ConfigError("eval.k_test", f"retrieval only (eval task is {task!r}); set task options in eval.overrides")
+    if "pretrain" in s.eval.checkpoints and task != "retrieval":
+        raise ConfigError(
+            "eval.checkpoints",
+            f"'pretrain' is retrieval's zero-shot evaluation; a pretraining checkpoint has no {task!r} head "
+            "(list its path to evaluate it anyway)",
+        )
+    tuned = [c for c in s.eval.checkpoints if c in FINETUNE_CHECKPOINTS]
+    if tuned and task != s.finetune.task:
+        raise ConfigError(
+            "eval.task",
+            f"{task!r} would evaluate {tuned[0]!r}, a {s.finetune.task!r} model (finetune.task); "
+            "evaluate it with its own task or list checkpoint paths",
+        )
+    for key, overrides in (("ta.overrides", s.ta.overrides), ("finetune.overrides", s.finetune.overrides)):
+        if "checkpoint" in overrides:
+            raise ConfigError(f"{key}.checkpoint", f"set {key.split('.')[0]}.checkpoint instead")
 
 
 _GRES_GPU_RE = re.compile(r"^--gres=(?:.*,)?gpu(?::[^:,]+)?:(\d+)(?:,|$)")

@@ -1,9 +1,12 @@
 """`albef slurm submit`: fill the slurm/*.sbatch scripts from the settings and submit them chained.
 
-The chain is linear: prep array -> prep check -> pretrain -> finetune -> eval array, each job with
-`--dependency=afterok:<previous>` (an array id waits for every task of the array). A job script
-gets its values only from its sbatch command line and `--export`, so the printed lines (`--dry_run`)
-are the whole story: a user can copy them, edit them, or run the scripts by hand.
+The chain is linear: prep array -> prep check -> pretrain -> ta -> finetune -> eval array (any
+subset, in that order), each job with `--dependency=afterok:<previous>` (an array id waits for every
+task of the array). `ta` is NLVR2's text-assignment pretraining (pretrain.sbatch with
+`--checkpoint`); finetune and eval run `albef finetune TASK` / `albef evaluate TASK` for the
+settings' task. A job script gets its values only from its sbatch command line and `--export`, so
+the printed lines (`--dry_run`) are the whole story: a user can copy them, edit them, or run the
+scripts by hand.
 
 When a submission fails half-way, the jobs already submitted are cancelled (scancel) and the error
 says so; if cancelling fails too, the ids to cancel are printed. A run folder whose last submission
@@ -39,11 +42,13 @@ from pipeline.slurm.config import (
     Resources,
     SlurmSettings,
     check_no_control_chars,
+    eval_task,
     load_settings,
     resolve_config_path,
 )
 
 DEFAULT_CONFIG = "slurm_demo.yaml"
+DEFAULT_STAGES = ("prep", "pretrain", "finetune", "eval")  # as `albef slurm submit`; ta is NLVR2's extra step
 SUBMISSION_FILE = "submission.json"  # RUN/slurm/submission.json: what was submitted, for status()
 # Final job states; PENDING with reason DependencyNeverSatisfied is final too (without
 # kill_invalid_depend SLURM keeps such jobs pending forever).
@@ -64,6 +69,15 @@ DEFAULT_WAIT_TIMEOUT_S = 7 * 24 * 3600.0  # `wait` gives up after this (a whole 
 CPU_STAGES = ("prep", "prep_check")  # get cluster.cpu_partition / cpu_sbatch_args
 NEVER_SATISFIED = "DependencyNeverSatisfied"
 PREP_PATH_OPTIONS = ("image_root", "regions", "exclude", "captions_file")  # `albef prep` flags naming files
+# The job script of each planned job (ta is more pretraining: pretrain.sbatch, extra args passed on).
+SCRIPTS = {
+    "prep": "prep.sbatch",
+    "prep_check": "prep_check.sbatch",
+    "pretrain": "pretrain.sbatch",
+    "ta": "pretrain.sbatch",
+    "finetune": "finetune.sbatch",
+    "eval": "eval.sbatch",
+}
 
 
 class SlurmSubmitError(RuntimeError):
@@ -74,7 +88,7 @@ class SlurmSubmitError(RuntimeError):
 class PlannedJob:
     """One sbatch call. `after` names the earlier job this one waits for (afterok)."""
 
-    name: str  # prep, prep_check, pretrain, finetune, eval (also the shell variable in --dry_run)
+    name: str  # prep, prep_check, pretrain, ta, finetune, eval (also the shell variable in --dry_run)
     argv: list[str]  # sbatch ... script args, without the dependency
     after: str | None = None
     array_size: int = 0  # > 0 for job arrays
@@ -125,7 +139,7 @@ class JobInfo:
 
 
 def submit(
-    stages: list[str] | tuple[str, ...] | str = STAGES,
+    stages: list[str] | tuple[str, ...] | str = DEFAULT_STAGES,
     config: str | None = None,
     dry_run: bool = False,
     overrides: dict[str, Any] | None = None,
@@ -159,7 +173,7 @@ def submit(
 
 
 def submit_command(
-    stages: list[str] | tuple[str, ...] | str = STAGES,
+    stages: list[str] | tuple[str, ...] | str = DEFAULT_STAGES,
     config: str | None = None,
     dry_run: bool = False,
     overrides: dict[str, Any] | None = None,
@@ -218,16 +232,14 @@ def build_plan(settings: SlurmSettings, stages: list[str]) -> Plan:
     """Every sbatch line and task list of the chain, from the settings alone (no side effects)."""
     run_dir = Path(settings.run_dir).expanduser().resolve()
     scripts = Path(settings.scripts_dir).expanduser().resolve() if settings.scripts_dir else SLURM_TEMPLATE_DIR
-    for stage in stages:
-        script = scripts / f"{stage}.sbatch"
+    for stage in [*stages, "prep_check"] if "prep" in stages else stages:
+        script = scripts / SCRIPTS[stage]
         if not script.is_file():
             raise ConfigError("scripts_dir", f"{script} not found")
     plan = Plan(run_dir=run_dir, jobs=[])
     prep_lines, feeds = _prep_tasks(settings, run_dir, plan.warnings)
 
-    def add(
-        name: str, res: Resources, script: str, args: list[str], array_size: int = 0, signal: int | None = None
-    ) -> None:
+    def add(name: str, res: Resources, args: list[str], array_size: int = 0, signal: int | None = None) -> None:
         log = "%x-%A_%a.out" if array_size else "%x-%j.out"
         argv = [
             "sbatch",
@@ -241,7 +253,7 @@ def build_plan(settings: SlurmSettings, stages: list[str]) -> Plan:
         argv += _common_args(settings, cpu=name in CPU_STAGES) + _resource_args(res)
         if signal is not None:
             argv.append(f"--signal=B:USR1@{signal}")
-        argv += res.sbatch_args + [_export(settings), str(scripts / script)] + args
+        argv += res.sbatch_args + [_export(settings), str(scripts / SCRIPTS[name])] + args
         after = plan.jobs[-1].name if plan.jobs else None
         plan.jobs.append(PlannedJob(name=name, argv=argv, after=after, array_size=array_size))
 
@@ -250,26 +262,31 @@ def build_plan(settings: SlurmSettings, stages: list[str]) -> Plan:
             raise ConfigError("prep.sources", "empty, nothing to prepare (or leave 'prep' out of --stages)")
         tasks = run_dir / "slurm" / "prep_tasks.tsv"
         plan.task_files[tasks] = "".join("\t".join(line) + "\n" for line in prep_lines)
-        add("prep", settings.prep.resources, "prep.sbatch", [str(tasks)], array_size=len(prep_lines))
-        check_res = Resources(time="00:10:00")
-        add("prep_check", check_res, "prep_check.sbatch", [str(tasks)])
+        add("prep", settings.prep.resources, [str(tasks)], array_size=len(prep_lines))
+        add("prep_check", Resources(time="00:10:00"), [str(tasks)])
     if "pretrain" in stages:
         st = settings.pretrain
         args = [str(run_dir / "pretrain"), str(resolve_config_path(st.config, "pretrain.config"))]
         args += _override_args({**st.overrides}, feeds.get("pretrain", {}), "pretrain.overrides")
-        add("pretrain", st.resources, "pretrain.sbatch", args, signal=st.preempt_grace_s)
+        add("pretrain", st.resources, args, signal=st.preempt_grace_s)
+    if "ta" in stages:  # more pretraining from a checkpoint: pretrain.sbatch passes --checkpoint on
+        ta = settings.ta
+        checkpoint = _abs(ta.checkpoint) if ta.checkpoint else str(run_dir / "pretrain")
+        args = [str(run_dir / "ta"), str(resolve_config_path(ta.config, "ta.config")), f"--checkpoint={checkpoint}"]
+        args += _override_args({**ta.overrides}, feeds.get("ta", {}), "ta.overrides")
+        add("ta", ta.resources, args, signal=ta.preempt_grace_s)
     if "finetune" in stages:
         ft = settings.finetune
-        checkpoint = _abs(ft.checkpoint) if ft.checkpoint else str(run_dir / "pretrain")
-        args = [str(run_dir / "finetune"), str(resolve_config_path(ft.config, "finetune.config")), checkpoint]
+        args = [ft.task, str(run_dir / "finetune"), str(resolve_config_path(ft.config, "finetune.config"))]
+        args.append(_finetune_checkpoint(settings, run_dir, "ta" in stages, plan.warnings))
         args += _override_args({**ft.overrides}, feeds.get("finetune", {}), "finetune.overrides")
-        add("finetune", ft.resources, "finetune.sbatch", args, signal=ft.preempt_grace_s)
+        add("finetune", ft.resources, args, signal=ft.preempt_grace_s)
     if "eval" in stages:
         validates = _finetune_validates(settings, feeds.get("finetune", {}))
         lines = _eval_tasks(settings, run_dir, feeds.get("eval", {}).get("", []), validates, plan.warnings)
         tasks = run_dir / "slurm" / "eval_tasks.tsv"
         plan.task_files[tasks] = "".join("\t".join(line) + "\n" for line in lines)
-        add("eval", settings.eval.resources, "eval.sbatch", [str(tasks)], array_size=len(lines))
+        add("eval", settings.eval.resources, [eval_task(settings), str(tasks)], array_size=len(lines))
     # The settings were checked; what is left are paths resolved against the current folder.
     words = [w for job in plan.jobs for w in job.argv] + [str(p) for p in plan.task_files]
     words += [f for text in plan.task_files.values() for line in text.splitlines() for f in line.split("\t")]
@@ -294,9 +311,9 @@ def _prep_tasks(
             if not Path(_abs(path)).exists():
                 warnings.append(f"prep input {path} ({src.name}) does not exist on this machine")
             options = {"processes": cpus, **src.options}  # img2dataset processes = the cores SLURM gives
-            for key in PREP_PATH_OPTIONS:  # task lines must not depend on the job's working folder
-                if isinstance(options.get(key), str) and "://" not in options[key]:
-                    options[key] = _abs(options[key])
+            for key, value in options.items():  # task lines must not depend on the job's working folder
+                if _is_local_path(key, value):
+                    options[key] = _abs(value)
             lines.append(
                 [src.source, f"--input={_abs(path)}", f"--output={out}"]
                 + [f"--{k}={_value(v)}" for k, v in options.items()]
@@ -305,6 +322,32 @@ def _prep_tasks(
             stage, _, key = feed.partition(":")
             feeds.setdefault(stage, {}).setdefault(key, []).extend(outputs)
     return lines, feeds
+
+
+def _is_local_path(option: str, value: Any) -> bool:
+    """Whether a prep option's value names a local file or folder: the known path flags, and any
+    other flag whose value is a path that exists here (so the flags of new sources, e.g. an answer
+    list or a proposals file, are resolved without being listed). Bare words (`test`) never are."""
+    if not isinstance(value, str) or "://" in value:
+        return False
+    if option in PREP_PATH_OPTIONS:
+        return True
+    return ("/" in value or Path(value).suffix != "") and Path(value).expanduser().exists()
+
+
+def _finetune_checkpoint(settings: SlurmSettings, run_dir: Path, with_ta: bool, warnings: list[str]) -> str:
+    """finetune.checkpoint, else the ta folder when ta runs in this chain, else the pretrain folder."""
+    ft = settings.finetune
+    if ft.checkpoint:
+        return _abs(ft.checkpoint)
+    if with_ta:
+        return str(run_dir / "ta")
+    if ft.task == "nlvr":
+        warnings.append(
+            "finetune nlvr starts from the pretrain folder without text-assignment pretraining: add 'ta' to "
+            f"--stages, or set finetune.checkpoint={run_dir / 'ta'} to use an earlier ta run"
+        )
+    return str(run_dir / "pretrain")
 
 
 def _finetune_validates(settings: SlurmSettings, fed: dict[str, list[str]]) -> bool:
@@ -320,7 +363,7 @@ def _finetune_validates(settings: SlurmSettings, fed: dict[str, list[str]]) -> b
 def _eval_tasks(
     settings: SlurmSettings, run_dir: Path, fed: list[str], finetune_validates: bool, warnings: list[str]
 ) -> list[list[str]]:
-    """One `albef evaluate retrieval` argument list per (checkpoint, eval data) pair.
+    """One `albef evaluate TASK` argument list per (checkpoint, eval data) pair (k_test: retrieval only).
 
     "finetune" is fine-tuning's `best` tag (chosen on data.val), its last checkpoint when it has
     no validation; "finetune:latest" / "finetune:best" choose explicitly; "pretrain" is
@@ -350,7 +393,7 @@ def _eval_tasks(
             output = str(run_dir / "eval" / Path(checkpoint).stem)
         for d in data:
             line = [f"--checkpoint={checkpoint}", f"--data={d}", f"--output_dir={output}"]
-            if st.k_test is not None:
+            if st.k_test is not None:  # validated: set only for retrieval
                 line.append(f"--k_test={st.k_test}")
             lines.append(line + [f"--{k}={_value(v)}" for k, v in st.overrides.items()])
     return lines

@@ -26,6 +26,7 @@ from pipeline.config import build_model_config
 from pipeline.data import Source, build_train_loader, load_sources
 from pipeline.data.manifest import source_shares
 from pipeline.data.text import build_tokenizer
+from pipeline.data.transforms import normalize_images
 from pipeline.train.task import StepContext, StepOutput, TrainTask
 
 
@@ -89,6 +90,7 @@ class AlbefTask(TrainTask):
             max_words=d.max_words,
             finetune=self.finetune,
             max_consecutive_bad=d.max_consecutive_bad_samples,
+            normalize=False,  # uint8 batches: a quarter of the bytes to collate, pin and copy (batch_tensors)
         )
 
     def begin_step(self, model: nn.Module, ctx: StepContext) -> None:
@@ -114,5 +116,12 @@ class AlbefTask(TrainTask):
 
 
 def batch_tensors(batch: dict, device: torch.device, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The named tensors of a loader batch on `device` (non-blocking from pinned memory)."""
-    return {name: batch[name].to(device, non_blocking=True) for name in names}
+    """The named tensors of a loader batch on `device` (non-blocking from pinned memory).
+
+    uint8 image batches ([B, 3, H, W], the training loaders' `normalize=False`) are CLIP-normalised
+    after the copy: the workers skip a float pass and the host-to-device copy is 4x smaller."""
+    out = {}
+    for name in names:
+        t = batch[name].to(device, non_blocking=True)
+        out[name] = normalize_images(t) if t.dtype == torch.uint8 and t.ndim == 4 else t
+    return out

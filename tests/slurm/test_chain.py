@@ -7,7 +7,7 @@ end COMPLETED with its artifacts.
 
 The cluster runs as a real one does (slurm/local_cluster.sh): SLURM's default MinJobAge (finished
 jobs leave scontrol after 300 s, so waiting reads the completion log) and KillOnBadExit=1. Rank 0
-of pretraining lingers 20 s after its exit (tests/slurm/slow_rank_exit.sh), so on preemption rank
+of pretraining lingers 120 s after a non-zero exit (tests/slurm/slow_rank_exit.sh), so on preemption rank
 1's exit 75 gets rank 0 killed and srun reports the kill: the requeue must come from the marker.
 The submitting shell has stray RANK/WORLD_SIZE/MASTER_ADDR (jobs get it via --export=ALL): the
 sbatch scripts must drop them.

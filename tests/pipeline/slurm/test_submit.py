@@ -96,11 +96,11 @@ def test_dry_run_prints_the_exact_sbatch_lines(tmp_path: Path, capsys: pytest.Ca
         f'--train.max_steps=10 \'--data.train=["{run}/prep/toy/part-000", "{run}/prep/toy/part-001"]\')',
         f"finetune=$(sbatch --parsable --job-name=albef-finetune --output={run}/logs/%x-%j.out "
         f"--dependency=afterok:$pretrain {site} --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --time=01:00:00 "
-        f"--signal=B:USR1@300 {export} {s}/finetune.sbatch {run}/finetune {t}/ft.yaml {run}/pretrain "
+        f"--signal=B:USR1@300 {export} {s}/finetune.sbatch retrieval {run}/finetune {t}/ft.yaml {run}/pretrain "
         f"--data.val={run}/prep/toy_test)",
         f"eval=$(sbatch --parsable --job-name=albef-eval --output={run}/logs/%x-%A_%a.out "
         f"--dependency=afterok:$finetune --array=1-2 {site} --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 "
-        f"--time=01:00:00 {export} {s}/eval.sbatch {run}/slurm/eval_tasks.tsv)",
+        f"--time=01:00:00 {export} {s}/eval.sbatch retrieval {run}/slurm/eval_tasks.tsv)",
     ]
     assert [line for line in out if not line.startswith(("#", "warning:", "mkdir ", "printf "))] == expected
     assert [j.job_id for j in jobs] == [None] * 5
