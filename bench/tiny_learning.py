@@ -14,7 +14,7 @@ JPEG bytes are held in memory; each step decodes the batch (64 px, ~0.1 ms/image
     PYTHONPATH=. python bench/tiny_learning.py --name old --steps 400 --patch 16 --init bert  # the old recipe
     # the recipe of pipeline/configs/pretrain_tiny_cpu.yaml (its 3-seed curves: --seed 0/1/2)
     PYTHONPATH=. python bench/tiny_learning.py --name recipe_s0 --seed 0 --steps 600 --eval_every 100 \
-        --batch 32 --queue 64 --lr 3e-4 --const_lr --itm_neg random
+        --batch 32 --queue 64 --lr 3e-4 --const_lr --itm_neg mixed
     python bench/tiny_learning_table.py --curve /tmp/learn/recipe_s*.json
     PYTHONPATH=. python bench/tiny_learning.py --help
 
@@ -97,9 +97,10 @@ def parse() -> argparse.Namespace:
     a(
         "--itm_neg",
         default="hard",
-        choices=["hard", "random", "hard_after"],
-        help="ITM negatives: hard (ALBEF: drawn by ITC similarity), random (uniform in-batch), hard_after "
-        "(random for the first --itm_random_steps steps, then hard)",
+        choices=["hard", "random", "mixed", "hard_after"],
+        help="ITM negatives: hard (ALBEF: drawn by ITC similarity), random (uniform in-batch), mixed (each "
+        "one hard or uniform by a coin; the shipped recipe), hard_after (random for the first "
+        "--itm_random_steps steps, then hard)",
     )
     a("--itm_random_steps", type=int, default=0)
     a("--fusion_lr_mult", type=float, default=1.0, help="LR multiplier of the fusion layers + itm_head")
@@ -248,8 +249,8 @@ def main() -> None:
     if args.init == "bert":
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, weight_init="timm"),
                                   text=dataclasses.replace(cfg.text, weight_init="bert"))  # fmt: skip
-    if args.itm_neg == "random":
-        cfg = dataclasses.replace(cfg, itm_negatives="random")
+    if args.itm_neg in ("random", "mixed"):
+        cfg = dataclasses.replace(cfg, itm_negatives=args.itm_neg)
     model = build_albef(cfg)
     if args.init not in ("bert", "fanin"):  # a fixed std for every Linear weight of both towers
         for name in args.init_towers.split(","):

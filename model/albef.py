@@ -395,8 +395,12 @@ class ALBEFBase(nn.Module):
         if neg_image_idx is None or neg_text_idx is None:
             b = image_feat.shape[0]
             sims = (itc.sim_i2t, itc.sim_t2i)
-            if self.config.itm_negatives == "random":  # equal weights: uniform over the allowed in-batch items
-                sims = (torch.zeros_like(itc.sim_i2t), torch.zeros_like(itc.sim_t2i))
+            kind = self.config.itm_negatives
+            if kind != "hard":  # zeroed rows = equal weights: uniform over the allowed in-batch items
+                hard_rows = torch.zeros(2, b, 1, dtype=torch.bool, device=itc.sim_i2t.device)
+                if kind == "mixed":  # same device as the draws below (and as `generator`, if given)
+                    hard_rows = torch.rand(2, b, 1, generator=generator, device=itc.sim_i2t.device) < 0.5
+                sims = (itc.sim_i2t * hard_rows[0], itc.sim_t2i * hard_rows[1])
             sampled = sample_hard_negatives(*sims, exclude=itc.positives[:, :b], generator=generator)
             neg_image_idx = sampled[0] if neg_image_idx is None else neg_image_idx
             neg_text_idx = sampled[1] if neg_text_idx is None else neg_text_idx

@@ -235,10 +235,11 @@ class ALBEFConfig:
     queue_seed: int = 0  # seed of the initial random queues: identical on every rank
     momentum_dropout: bool = False  # True: momentum encoders follow train()/eval() (official code);
     # False: they always run in eval mode, giving deterministic distillation targets (dinov2 teacher)
-    itm_negatives: Literal["hard", "random"] = "hard"  # ITM negatives per image and per text, in-batch:
-    # "hard" = drawn by ITC similarity (ALBEF); "random" = uniform. From scratch (the tiny preset's runs) a
-    # weak ITC makes the hard draws favour a few "hub" items, ITM learns which items are usually negative
-    # instead of whether the pair matches, and its loss stays at the 1:2 prior (0.64): "random" learns.
+    itm_negatives: Literal["hard", "random", "mixed"] = "hard"  # ITM negatives per image and per text,
+    # in-batch: "hard" = drawn by ITC similarity (ALBEF); "random" = uniform; "mixed" = each image's and each
+    # text's negative is hard or uniform by a fair coin. From scratch (the tiny preset) a weak ITC makes hard
+    # draws uninformative and ITM stays at its 1:2 prior (loss 0.64); uniform negatives teach ITM only coarse
+    # matching, which re-ranks ITC's top-k worse than ITC; "mixed" learns both (pretrain_tiny_cpu.yaml).
 
     def __post_init__(self) -> None:
         _check(isinstance(self.vision, VisionConfig), self, "vision", type(self.vision), "must be a VisionConfig")
@@ -276,11 +277,11 @@ class ALBEFConfig:
             isinstance(self.momentum_dropout, bool), self, "momentum_dropout", self.momentum_dropout, "must be a bool"
         )
         _check(
-            self.itm_negatives in ("hard", "random"),
+            self.itm_negatives in ("hard", "random", "mixed"),
             self,
             "itm_negatives",
             self.itm_negatives,
-            "must be 'hard' or 'random'",
+            "must be 'hard', 'random' or 'mixed'",
         )
         _check(
             self.text.encoder_width == self.vision.width,

@@ -32,7 +32,8 @@ class ModelConfig:
     # noisy like the student's (the paper's numbers were obtained this way). false = the teacher always
     # runs in eval mode, giving deterministic targets (a dinov2-style teacher; used by the tiny configs).
     momentum_dropout: bool = True
-    itm_negatives: Literal["hard", "random"] = "hard"  # ITM negatives: by ITC similarity (paper) or uniform
+    itm_negatives: Literal["hard", "random", "mixed"] = "hard"  # ITM negatives: by ITC similarity (paper),
+    # uniform, or each one hard or uniform by a coin (model/config.py)
 
     def validate(self, prefix: str) -> None:
         # Range checks live with the model (model/config.py); building its config runs them and

@@ -118,10 +118,12 @@ class AlbefTask(TrainTask):
 def batch_tensors(batch: dict, device: torch.device, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """The named tensors of a loader batch on `device` (non-blocking from pinned memory).
 
-    uint8 image batches ([B, 3, H, W], the training loaders' `normalize=False`) are CLIP-normalised
-    after the copy: the workers skip a float pass and the host-to-device copy is 4x smaller."""
+    uint8 image batches ([B, 3, H, W], or [B, 2, 3, H, W] for image pairs; the training loaders'
+    `normalize=False`) are CLIP-normalised after the copy: the workers skip a float pass and the
+    host-to-device copy is 4x smaller."""
     out = {}
     for name in names:
         t = batch[name].to(device, non_blocking=True)
-        out[name] = normalize_images(t) if t.dtype == torch.uint8 and t.ndim == 4 else t
+        is_images = t.dtype == torch.uint8 and t.ndim >= 4 and t.shape[-3] == 3
+        out[name] = normalize_images(t) if is_images else t
     return out

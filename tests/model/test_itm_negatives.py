@@ -1,4 +1,5 @@
-"""ALBEFConfig.itm_negatives: hard negatives by ITC similarity (ALBEF) or uniform in-batch ones (issue 11)."""
+"""ALBEFConfig.itm_negatives: hard negatives by ITC similarity (ALBEF), uniform in-batch ones, or a
+coin flip between the two per image and per text (issue 11)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def make_batch(cfg: ALBEFConfig, batch: int = B) -> dict:
 
 
 @torch.no_grad()
-def _draws(kind: str) -> torch.Tensor:
+def _draws(kind: str) -> torch.Tensor:  # same model, batch and seeds for every kind
     """[DRAWS, 2, B] negative (image for each text, text for each image) indices of repeated forwards
     on one batch; temp 0.001 makes the ITC softmax nearly one-hot, so hard draws barely vary."""
     torch.manual_seed(0)
@@ -61,10 +62,23 @@ def test_hard_negatives_follow_the_similarity() -> None:
     assert _distinct_per_row(draws).float().median() <= 2  # nearly the argmax at temp 0.001
 
 
-def test_random_negatives_exclude_same_image_pairs_in_retrieval() -> None:
-    """Fine-tuning: pairs sharing an image id are positives, never drawn as negatives (both modes)."""
+def test_mixed_negatives_are_half_hard_half_uniform() -> None:
+    """Per row: the (near one-hot) hard choice about half the time plus 1/7 of the uniform half (~57%),
+    the other candidates from the uniform half; never the positive."""
+    draws = _draws("mixed")
+    hard = _draws("hard")[0]  # [2, B]: at temp 0.001 the hard draw is (nearly) the argmax
+    assert not torch.any(draws == torch.arange(B))
+    share_of_hard_choice = (draws == hard).float().mean(0)  # [2, B]
+    assert share_of_hard_choice.min() > 0.3 and share_of_hard_choice.max() < 0.85, share_of_hard_choice
+    assert 0.45 < share_of_hard_choice.mean() < 0.7, share_of_hard_choice.mean()
+    assert _distinct_per_row(draws).min() >= 4  # the uniform half reaches the other candidates
+
+
+@pytest.mark.parametrize("kind", ["random", "mixed"])
+def test_negatives_exclude_same_image_pairs_in_retrieval(kind: str) -> None:
+    """Fine-tuning: pairs sharing an image id are positives, never drawn as negatives."""
     torch.manual_seed(0)
-    cfg = ALBEFConfig.tiny(queue_size=16, vocab_size=3000, itm_negatives="random")
+    cfg = ALBEFConfig.tiny(queue_size=16, vocab_size=3000, itm_negatives=kind)
     model = build_retrieval(cfg).eval()
     batch = {k: v for k, v in make_batch(cfg, batch=B).items() if not k.startswith("mlm")}
     idx = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])

@@ -19,6 +19,12 @@ def test_uint8_images_normalised_on_the_device_like_the_workers_would() -> None:
     assert torch.equal(out["input_ids"], ids)  # integer tensors that are not images are left alone
 
 
+def test_uint8_image_pairs_normalised_too() -> None:
+    pairs = torch.randint(0, 256, (2, 2, 3, 8, 8), dtype=torch.uint8)  # NLVR2: [B, 2 images, 3, H, W]
+    out = batch_tensors({"image": pairs}, torch.device("cpu"), ("image",))
+    assert torch.equal(out["image"], normalize_images(pairs))
+
+
 def test_float_images_pass_through_unchanged() -> None:
     images = torch.randn(2, 3, 8, 8)
     out = batch_tensors({"image": images}, torch.device("cpu"), ("image",))
