@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import webdataset as wds
 
-from data_prep.sources.nlvr2 import image_names
 from data_prep.synthetic_nlvr import write_synthetic_nlvr
 from model import config_from_official
 from model.albef import build_albef
@@ -34,34 +32,9 @@ from pipeline.tasks.nlvr import (
     nlvr_logits,
 )
 
+from pipeline_testutils import write_nlvr_split
+
 ATOL = 1e-5  # the heads parity tolerance (tests/model/heads/test_nlvr_parity.py)
-
-
-def write_nlvr_split(root: Path, jsonl: Path, image_root: Path, per_shard: int = 4) -> Path:
-    """An `albef prep nlvr2`-layout folder (pair shards + manifest) written directly from a synthetic jsonl."""
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    (root / "pairs").mkdir(parents=True)
-    entries = []
-    for s in range(0, len(records), per_shard):
-        name = f"pairs/{s // per_shard:05d}.tar"
-        with wds.TarWriter(str(root / name)) as sink:
-            for k, r in enumerate(records[s : s + per_shard]):
-                left, right = image_names(r["identifier"], r.get("directory"))
-                meta = {"identifier": r["identifier"], "captions": [r["sentence"]], "labels": [r["label"]],
-                        "image_id": r["identifier"], "images": [left, right]}  # fmt: skip
-                sink.write(
-                    {
-                        "__key__": f"{s + k:09d}",
-                        "left.png": (image_root / left).read_bytes(),
-                        "right.png": (image_root / right).read_bytes(),
-                        "json": json.dumps(meta).encode(),
-                    }
-                )
-        entries.append({"path": name, "samples": len(records[s : s + per_shard])})
-    manifest = {"format_version": 1, "source": "nlvr2", "split": "test", "shards": entries, "sample_layout": "pair",
-                "num_samples": len(records), "num_captions": len(records)}  # fmt: skip
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
 
 
 @pytest.fixture
