@@ -53,7 +53,7 @@ def index_images(tars: Sequence[Path]) -> ImageIndex:
                 if info.isfile() and "." in info.name:
                     key, ext = info.name.split(".", 1)
                     members.setdefault(key, {})[ext] = info
-            for key, parts in members.items():
+            for parts in members.values():
                 image_ext = next((e for e in IMAGE_EXTS if e in parts), None)
                 if image_ext is None or "json" not in parts:
                     continue
@@ -160,4 +160,3 @@ def pair_manifest(image_manifest: dict[str, Any], joined: dict[str, Any]) -> dic
         "images": images,
         "sample_layout": "pair",
     }
-

@@ -115,9 +115,7 @@ class CLI:
         `task: text_assignment` (nlvr_ta) runs NLVR2's text-assignment pretraining from --checkpoint."""
         from pipeline.stages.pretrain import pretrain
 
-        return pretrain(
-            config=config, output_dir=output_dir, resume=resume, overrides=overrides, checkpoint=checkpoint
-        )
+        return pretrain(config=config, output_dir=output_dir, resume=resume, overrides=overrides, checkpoint=checkpoint)
 
     def export(self, checkpoint: str, output: str, layout: Layout = "ours", format: Format | None = None) -> int:
         """Consolidated weights (.safetensors by default; .pth for --layout official) + NAME.json + NAME.md card."""

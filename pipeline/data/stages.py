@@ -193,10 +193,10 @@ def _image_bytes(sample: dict) -> bytes | tuple[bytes, bytes] | None:
     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if image is not None:
         return image
-    sides = [next((sample[f"{side}.{k}"] for k in IMAGE_KEYS if f"{side}.{k}" in sample), None) for side in PAIR_SIDES]
-    if any(f"{side}.{k}" in sample for side in PAIR_SIDES for k in IMAGE_KEYS) and None not in sides:
-        return sides[0], sides[1]
-    return None
+    left, right = (
+        next((sample[f"{side}.{k}"] for k in IMAGE_KEYS if f"{side}.{k}" in sample), None) for side in PAIR_SIDES
+    )
+    return (left, right) if left is not None and right is not None else None
 
 
 def _parse(sample: dict, counter: SkipCounter, max_words: int) -> Parsed | None:
@@ -222,7 +222,11 @@ def _parse(sample: dict, counter: SkipCounter, max_words: int) -> Parsed | None:
 
 
 def _decode_image(
-    data: bytes | tuple[bytes, bytes], transform: Callable, rng: random.Random | None, counter: SkipCounter, sample: dict
+    data: bytes | tuple[bytes, bytes],
+    transform: Callable,
+    rng: random.Random | None,
+    counter: SkipCounter,
+    sample: dict,
 ):
     """uint8 [3, R, R], or [2, 3, R, R] for a (left, right) pair (each image its own random crop, as the
     official NLVR dataset transforms the two separately); None (counted) when a decode fails."""

@@ -68,7 +68,9 @@ def evaluate_nlvr(
             manifest = read_manifest(data)
         except (OSError, ValueError) as err:
             raise ConfigError("data", str(err)) from None
-        check(manifest.get("sample_layout") == "pair", "data", f"{data} is not an `albef prep nlvr2` output (image pairs)")
+        check(
+            manifest.get("sample_layout") == "pair", "data", f"{data} is not an `albef prep nlvr2` output (image pairs)"
+        )
         try:
             loaded = read_checkpoint(checkpoint)
         except (OSError, ValueError) as err:

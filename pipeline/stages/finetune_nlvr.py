@@ -96,7 +96,9 @@ class NLVRTask(VETask):
     def model_inputs(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         inputs = batch_tensors(batch, device, ("image", "input_ids", "attention_mask"))
         if inputs["image"].ndim != 5 or "label" not in batch:
-            raise ValueError("training samples are not labelled image pairs: data.train must be `albef prep nlvr2` folders")
+            raise ValueError(
+                "training samples are not labelled image pairs: data.train must be `albef prep nlvr2` folders"
+            )
         inputs["image"] = inputs["image"].transpose(0, 1).flatten(0, 1)  # [B, 2, ...] -> [2B, ...]: lefts, rights
         inputs["targets"] = label_ids(batch["label"]).to(device, non_blocking=True)
         return inputs
@@ -137,5 +139,5 @@ def finetune_nlvr(
         output_dir,
         resume,
         make_task=lambda info: NLVRTask(cfg, checkpoint),
-        check=check_ve_runtime(checkpoint),  # type: ignore[arg-type]
+        check=check_ve_runtime(checkpoint),
     )

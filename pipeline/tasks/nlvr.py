@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -67,8 +67,14 @@ def label_ids(labels: Sequence[Any]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _state(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict of `{'model': sd}` or sd."""
+    sd = state_dict["model"] if isinstance(state_dict.get("model"), dict) else state_dict
+    return cast(dict[str, torch.Tensor], sd)
+
+
 def _task_layout(sd: dict[str, torch.Tensor]) -> str:
-    """"nlvr" (classifier), "ta" (text assignment) or "pretrain" (an ALBEF checkpoint, ours or official)."""
+    """ "nlvr" (classifier), "ta" (text assignment) or "pretrain" (an ALBEF checkpoint, ours or official)."""
     if "cls_head.0.weight" in sd:
         return "nlvr"
     if "ta_head.weight" in sd:
@@ -91,11 +97,11 @@ def _check_encoders(report: ConversionReport) -> None:
 
 
 def build_ta_from_checkpoint(
-    state_dict: dict[str, torch.Tensor], backbone: ALBEFConfig, sim_temp: float = 0.07
+    state_dict: dict[str, Any], backbone: ALBEFConfig, sim_temp: float = 0.07
 ) -> tuple[ALBEFTextAssignment, ConversionReport]:
     """Text-assignment model from a pre-training checkpoint (fusion layers duplicated) or a TA one;
     `sim_temp`: TAConfig.sim_temp (official 0.07)."""
-    sd = state_dict["model"] if isinstance(state_dict.get("model"), dict) else state_dict
+    sd = _state(state_dict)
     layout = _task_layout(sd)
     if layout == "nlvr":
         raise ValueError("an NLVR2 classifier checkpoint cannot start text-assignment pretraining (it is its result)")
@@ -109,12 +115,12 @@ def build_ta_from_checkpoint(
 
 
 def build_nlvr_from_checkpoint(
-    state_dict: dict[str, torch.Tensor], backbone: ALBEFConfig, distill: bool, teacher_from_checkpoint: bool = True
+    state_dict: dict[str, Any], backbone: ALBEFConfig, distill: bool, teacher_from_checkpoint: bool = True
 ) -> tuple[ALBEFNLVR, ConversionReport]:
     """NLVR2 model with `state_dict` loaded (see the module docstring for the kinds); returns (model,
     conversion report). `teacher_from_checkpoint=False` is NLVR.py's quirk (the teacher keeps its init
     when the checkpoint has none). A missing encoder weight raises."""
-    sd = state_dict["model"] if isinstance(state_dict.get("model"), dict) else state_dict
+    sd = _state(state_dict)
     if _task_layout(sd) == "pretrain":
         logger.warning(
             "the checkpoint is a pre-training one: its fusion layers are duplicated as Pretrain_nlvr.py does, "
@@ -182,7 +188,9 @@ def evaluate_nlvr_model(
     try:
         for batch in loader:
             if "labels" not in batch or batch["image"].ndim != 5:
-                raise ValueError(f"{data}: samples are not image pairs with labels; is it an `albef prep nlvr2` folder?")
+                raise ValueError(
+                    f"{data}: samples are not image pairs with labels; is it an `albef prep nlvr2` folder?"
+                )
             sentences = [(i, c, lab) for i, (caps, labs) in enumerate(zip(batch["captions"], batch["labels"])) for c, lab in zip(caps, labs) if c]  # fmt: skip
             images = batch["image"].to(device, dtype=dtype, non_blocking=True)
             for s in range(0, len(sentences), cfg.pairs_per_batch):

@@ -119,7 +119,11 @@ def test_reader_accepts_the_albef_json_and_refuses_malformed_records(tmp_path: P
     synth = write_synthetic_nlvr(tmp_path / "synth", splits={"train": 4}, image_size=16, per_pair=2)
     records = [json.loads(line) for line in synth.jsonl["train"].read_text().splitlines()]
     albef = [
-        {"images": list(image_names(r["identifier"], r.get("directory"))), "sentence": r["sentence"], "label": r["label"]}
+        {
+            "images": list(image_names(r["identifier"], r.get("directory"))),
+            "sentence": r["sentence"],
+            "label": r["label"],
+        }
         for r in records
     ]
     (tmp_path / "nlvr_train.json").write_text(json.dumps(albef))

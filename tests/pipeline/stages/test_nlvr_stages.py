@@ -91,60 +91,70 @@ def test_config_and_input_errors_exit_2(tmp_path: Path, capfd) -> None:
     assert exc.value.code == 2 and "albef prep nlvr2" in capfd.readouterr().err
 
 
-@pytest.mark.slow
-def test_text_assignment_pretraining_learns(tmp_path: Path) -> None:
-    """`albef pretrain --config nlvr_ta_tiny_cpu --checkpoint CK`: the TA model starts from a (random) tiny
-    ALBEF pretraining checkpoint, trains on image-text shards, and its TA loss falls below the 3-way
-    uniform ln 3 = 1.099; the run's checkpoint is what `albef finetune nlvr --checkpoint` takes."""
-    synth = write_synthetic_nlvr(tmp_path / "raw", splits={"train": 150}, image_size=64)
-    shards = _caption_shards(synth, "train", tmp_path / "captions")
-    run = tmp_path / "ta"
+@pytest.fixture(scope="module")
+def nlvr_data(tmp_path_factory: pytest.TempPathFactory) -> SyntheticNLVR:
+    """Synthetic NLVR2 pictures and sentences: 300 training pairs, 60 held-out ones (2 sentences each)."""
+    return write_synthetic_nlvr(
+        tmp_path_factory.mktemp("nlvr_raw"), splits={"train": 300, "heldout": 60}, image_size=32
+    )
+
+
+@pytest.fixture(scope="module")
+def ta_run(tmp_path_factory: pytest.TempPathFactory, nlvr_data: SyntheticNLVR) -> Path:
+    """`albef pretrain --config nlvr_ta_tiny_cpu --checkpoint CK` at 32 px from a random tiny ALBEF checkpoint,
+    on image-text shards of the training pictures (their single-image colour captions)."""
+    root = tmp_path_factory.mktemp("nlvr_ta")
+    shards = _caption_shards(nlvr_data, "train", root / "captions")
     _run(
-        ["pretrain", "--config", TA_TINY, "--checkpoint", str(_initial_checkpoint(tmp_path / "init.pth")),
-         "--output_dir", str(run), f"--data.train=[{shards}]", "--logging.progress_bar=off"],
-        tmp_path / "ta.log",
+        ["pretrain", "--config", TA_TINY, "--checkpoint", str(_initial_checkpoint(root / "init.pth")),
+         "--output_dir", str(root / "run"), f"--data.train=[{shards}]", "--model.image_res=32",
+         "--logging.progress_bar=off"],
+        root / "ta.log",
     )  # fmt: skip
-    losses = [v for _, v in tb_scalars(run / "tensorboard")["train/loss_ta"]]
-    assert len(losses) >= 20, losses
-    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    assert last < first - 0.1 and last < 1.0, losses
-    loaded = read_checkpoint(run)  # what `albef finetune nlvr --checkpoint RUN` reads
-    assert "ta_head.weight" in loaded.state_dict and loaded.step == 60
+    return root / "run"
 
 
 @pytest.mark.slow
-def test_prep_text_assignment_finetune_evaluate_beats_chance(tmp_path: Path) -> None:
-    synth = write_synthetic_nlvr(tmp_path / "raw", splits={"train": 300, "heldout": 60}, image_size=64)
+def test_text_assignment_pretraining_learns(ta_run: Path) -> None:
+    """The TA loss leaves the 3-way uniform ln 3 = 1.099 (measured: ~1.10 for 190 steps, then 0.79 at step
+    300); the run's checkpoint holds the TA model, which `albef finetune nlvr --checkpoint` reads."""
+    losses = [v for _, v in tb_scalars(ta_run / "tensorboard")["train/loss_ta"]]
+    assert len(losses) == 30, losses  # 300 steps, logged every 10
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert first > 1.09 and last < 1.02 and last < first - 0.08, losses
+    loaded = read_checkpoint(ta_run)
+    assert "ta_head.weight" in loaded.state_dict and loaded.step == 300
+    assert "text_encoder.encoder.layer.5.crossattention.self.key.weight" in loaded.state_dict  # 2 + 2 x 2 layers
+
+
+@pytest.mark.slow
+def test_prep_text_assignment_finetune_evaluate_beats_chance(
+    tmp_path: Path, nlvr_data: SyntheticNLVR, ta_run: Path
+) -> None:
+    synth = nlvr_data
     prep = {}
     for split in ("train", "heldout"):
         prep[split] = tmp_path / f"nlvr2_{split}"
         _run(
             ["prep", "nlvr2", "--input", str(synth.jsonl[split]), "--image_root", str(synth.image_root),
-             "--output", str(prep[split]), "--image_size=64", "--processes=1", "--threads=4",
+             "--output", str(prep[split]), "--image_size=32", "--processes=1", "--threads=4",
              "--samples_per_shard=256"],
             tmp_path / f"prep_{split}.log",
         )  # fmt: skip
         manifest = json.loads((prep[split] / "manifest.json").read_text())
         assert manifest["num_samples"] == synth.records[split] and manifest["complete"]
-    ta = tmp_path / "ta"
-    _run(
-        ["pretrain", "--config", TA_TINY, "--checkpoint", str(_initial_checkpoint(tmp_path / "init.pth")),
-         "--output_dir", str(ta), f"--data.train=[{_caption_shards(synth, 'train', tmp_path / 'captions')}]",
-         "--train.max_steps=10", "--train.save_every_steps=10", "--logging.progress_bar=off"],
-        tmp_path / "ta.log",
-    )  # fmt: skip
     run = tmp_path / "ft"
     _run(
-        ["finetune", "nlvr", "--config", "nlvr_tiny_cpu", "--checkpoint", str(ta), "--output_dir", str(run),
+        ["finetune", "nlvr", "--config", "nlvr_tiny_cpu", "--checkpoint", str(ta_run), "--output_dir", str(run),
          f"--data.train=[{prep['train']}]", f"--data.val={prep['heldout']}", "--train.epochs=4",
-         "--logging.progress_bar=off"],
+         "--model.image_res=32", "--logging.progress_bar=off"],
         tmp_path / "ft.log",
     )  # fmt: skip
-    assert "nlvr weights loaded (official pretrain -> nlvr" in (tmp_path / "ft.log").read_text()  # the TA import
+    assert "nlvr weights loaded (official pretrain -> nlvr" in (tmp_path / "ft.log").read_text()  # NLVR.py's TA import
     scalars = tb_scalars(run / "tensorboard")
     losses, val = [v for _, v in scalars["train/loss_cls"]], scalars["val/accuracy"]
     assert len(losses) >= 14 and len(val) == 4  # 600 sentences / 16 = 37 steps per epoch, logged every 10
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.02, losses  # tiny fine-tuning lowers the loss
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.03, losses  # measured 0.652 -> 0.608
     _run(
         ["evaluate", "nlvr", "--checkpoint", str(run), "--data", str(prep["heldout"]), "--output_dir", str(run),
          "--num_workers=0", "--device=cpu"],
@@ -153,8 +163,8 @@ def test_prep_text_assignment_finetune_evaluate_beats_chance(tmp_path: Path) -> 
     report = json.loads((run / "eval" / "nlvr_nlvr2_all.json").read_text())
     assert report["num_pairs"] == synth.records["heldout"] == 120 and synth.true_records["heldout"] == 60
     assert report["checkpoint_step"] == 148 and report["weights"]["missing"] == []
-    # Measured 70.8% (step 222) and 75.8% (step 148) on these 120 sentences; chance 50 (binomial sd 4.6).
-    assert report["accuracy"] > 60.0 > report["chance"], report
+    # Measured 72.5% on these 120 sentences (70.8% after the first epoch); chance 50, binomial sd 4.6.
+    assert report["accuracy"] > 62.0 > report["chance"], report
     written = tb_scalars(run / "tensorboard")["eval/nlvr_nlvr2_all/accuracy/all"]
     assert written == [(148, pytest.approx(report["accuracy"]))]
 

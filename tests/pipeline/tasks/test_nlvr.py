@@ -14,7 +14,7 @@ from data_prep.synthetic_nlvr import write_synthetic_nlvr
 from model import config_from_official
 from model.albef import build_albef
 from model.config import ALBEFConfig
-from model.heads.nlvr import build_nlvr, build_text_assignment, TAConfig
+from model.heads.nlvr import TAConfig, build_nlvr, build_text_assignment
 from model.heads.ve import ClassifierConfig
 from pipeline.config import load_config
 from pipeline.data import build_eval_loader, build_train_loader
