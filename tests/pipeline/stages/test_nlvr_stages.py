@@ -128,6 +128,31 @@ def test_text_assignment_pretraining_learns(ta_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_text_assignment_resumes_exactly(tmp_path: Path, nlvr_data: SyntheticNLVR) -> None:
+    """`--resume auto` continues a TA run from its latest checkpoint; the partner draws and the loss of
+    the resumed steps are those of an uninterrupted run."""
+    shards = _caption_shards(nlvr_data, "train", tmp_path / "captions")
+    init = _initial_checkpoint(tmp_path / "init.pth")
+
+    def run(out: Path, steps: int, log: str) -> list[tuple[int, float]]:
+        _run(
+            ["pretrain", "--config", TA_TINY, "--checkpoint", str(init), "--output_dir", str(out),
+             f"--data.train=[{shards}]", "--model.image_res=32", "--train.batch_size=8", f"--train.max_steps={steps}",
+             "--train.save_every_steps=2", "--logging.log_every_steps=1", "--resume=auto",
+             "--logging.progress_bar=off"],
+            tmp_path / log,
+        )  # fmt: skip
+        return tb_scalars(out / "tensorboard")["train/loss_ta"]
+
+    whole = run(tmp_path / "whole", 4, "whole.log")
+    run(tmp_path / "cut", 2, "cut_1.log")
+    resumed = run(tmp_path / "cut", 4, "cut_2.log")
+    assert "resumed at step 2" in (tmp_path / "cut_2.log").read_text()
+    assert [s for s, _ in whole] == [1, 2, 3, 4] and [s for s, _ in resumed][-2:] == [3, 4]
+    assert resumed[-2:] == [(s, pytest.approx(v, rel=1e-6)) for s, v in whole[-2:]]
+
+
+@pytest.mark.slow
 def test_prep_text_assignment_finetune_evaluate_beats_chance(
     tmp_path: Path, nlvr_data: SyntheticNLVR, ta_run: Path
 ) -> None:
