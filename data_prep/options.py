@@ -15,7 +15,7 @@ from typing import Any
 
 from data_prep.errors import PrepOptionsError
 
-SOURCES = ("cc3m", "cc12m", "sbu", "coco", "vg", "flickr30k", "generic", "snli_ve", "vqa")
+SOURCES = ("cc3m", "cc12m", "sbu", "coco", "vg", "flickr30k", "generic", "snli_ve", "vqa", "nlvr2")
 SPLITS = ("train", "val", "test")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 GENERIC_FORMATS = ("parquet", "tsv", "csv", "json", "jsonl")
@@ -37,7 +37,7 @@ class PrepOptions:
         None  # train|val|test. coco/flickr30k: the Karpathy split (coco train = train+restval); else a label
     )
     image_root: str | None = (
-        None  # coco/flickr30k/generic/snli_ve/vqa: local folder (-> file:// URLs, names must stay inside) or http(s) base URL
+        None  # coco/flickr30k/generic/snli_ve/vqa/nlvr2: local folder (-> file:// URLs, names must stay inside) or http(s) base URL
     )
     regions: str | None = None  # vg: path of region_descriptions.json (--input is image_data.json)
     exclude: str | None = None  # vg: file of image ids to drop, one per line; "coco:ID" matches image_data's coco_id
@@ -82,6 +82,7 @@ SOURCE_OPTIONS: dict[str, frozenset[str]] = {
     "generic": frozenset({"url_col", "caption_col", "id_col", "input_format", "duplicate_urls", "image_root"}),
     "snli_ve": frozenset({"image_root"}),
     "vqa": frozenset({"image_root", "annotations", "answer_list", "num_answers"}),
+    "nlvr2": frozenset({"image_root"}),
 }
 _SPECIFIC = frozenset().union(*SOURCE_OPTIONS.values())
 _REQUIRED: dict[str, tuple[str, ...]] = {
@@ -90,6 +91,7 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "flickr30k": ("split", "image_root"),
     "snli_ve": ("image_root",),
     "vqa": ("image_root",),
+    "nlvr2": ("image_root",),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "split": SPLITS,

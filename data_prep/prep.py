@@ -6,6 +6,8 @@ parses every *.json inside its folder):
                                     source's per-caption columns, e.g. snli_ve's labels])
     DIR/answer_list.json            vqa only: the candidate answers (data_prep/sources/vqa.py)
     DIR/shards/NNNNN.tar|.parquet|_stats.json
+    DIR/pairs/NNNNN.tar              two-image sources (nlvr2): one sample per record, both images
+                                    joined from shards/ (data_prep/pairs.py); the manifest lists these
     DIR/manifest.json
 Re-running the same command on a partial DIR resumes: finished shards (those with a stats file)
 are not downloaded again, and the manifest is rebuilt from everything on disk.
@@ -44,7 +46,9 @@ from data_prep.img2ds import (
 )
 from data_prep.manifest import MANIFEST_NAME, build_manifest, shard_name, write_json_atomic
 from data_prep.options import PrepOptions, parse_options
+from data_prep.pairs import join_pairs, pair_manifest
 from data_prep.sources import READERS, SIDE_FILES
+from data_prep.sources.nlvr2 import PairRows
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +118,22 @@ def prepare(source: str, input: str | Path | None, output: str | Path | None, **
         out_dir, shards_dir, source=source, split=opts.split, rows=rows, expected_shards=expected_shards,
         settings=_settings(source, input, opts), elapsed_s=time.time() - start,
     )  # fmt: skip
+    if isinstance(rows, PairRows):  # two images per sample (nlvr2): join the downloaded images per record
+        manifest = _join_pairs(out_dir, manifest, rows, opts)
     write_json_atomic(out_dir / MANIFEST, manifest)
     _log_summary(out_dir, manifest)
     return manifest
+
+
+def _join_pairs(out_dir: Path, manifest: dict[str, Any], rows: PairRows, opts: PrepOptions) -> dict[str, Any]:
+    """The pair manifest (data_prep/pairs.py); while downloads are unfinished it lists no shards, so
+    nothing trains on a partial join (re-run to resume the downloads, then the join runs)."""
+    if not manifest["complete"]:
+        joined: dict[str, Any] = {"shards": [], "num_pairs": 0, "skipped": {}, "skipped_examples": {}}
+    else:
+        tars = [out_dir / s["path"] for s in manifest["shards"]]
+        joined = join_pairs(out_dir, tars, rows.pairs, opts.samples_per_shard)
+    return pair_manifest(manifest, joined)
 
 
 def _path_flag(name: str, value: object) -> Path:

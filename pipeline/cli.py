@@ -43,6 +43,14 @@ class Finetune:
             config=config, checkpoint=checkpoint, output_dir=output_dir, resume=resume, overrides=overrides
         )
 
+    def nlvr(self, config: str, checkpoint: str, output_dir: str, resume: str = "auto", **overrides: Any) -> int:
+        """Fine-tune for NLVR2 from a text-assignment run (`albef pretrain --config nlvr_ta`) or any ALBEF checkpoint."""
+        from pipeline.stages.finetune_nlvr import finetune_nlvr
+
+        return finetune_nlvr(
+            config=config, checkpoint=checkpoint, output_dir=output_dir, resume=resume, overrides=overrides
+        )
+
 
 class Evaluate:
     """Evaluation stages."""
@@ -68,6 +76,12 @@ class Evaluate:
         from pipeline.stages.evaluate_vqa import evaluate_vqa
 
         return evaluate_vqa(checkpoint=checkpoint, data=data, output_dir=output_dir, overrides=overrides)
+
+    def nlvr(self, checkpoint: str, data: str, output_dir: str, **overrides: Any) -> dict:
+        """NLVR2 accuracy of an NLVR checkpoint (ours or official) on an `albef prep nlvr2` split (dev / test-P)."""
+        from pipeline.stages.evaluate_nlvr import evaluate_nlvr
+
+        return evaluate_nlvr(checkpoint=checkpoint, data=data, output_dir=output_dir, overrides=overrides)
 
 
 class Slurm:
@@ -108,11 +122,14 @@ class CLI:
 
         return run_prep(source=source, input=input, output=output, **options)
 
-    def pretrain(self, config: str, output_dir: str, resume: str = "auto", **overrides: Any) -> int:
-        """Pretrain ALBEF (ITC + ITM + MLM) with DeepSpeed; any config field via --a.b=value."""
+    def pretrain(
+        self, config: str, output_dir: str, resume: str = "auto", checkpoint: str | None = None, **overrides: Any
+    ) -> int:
+        """Pretrain ALBEF (ITC + ITM + MLM) with DeepSpeed; any config field via --a.b=value. A config with
+        `task: text_assignment` (nlvr_ta) runs NLVR2's text-assignment pretraining from --checkpoint."""
         from pipeline.stages.pretrain import pretrain
 
-        return pretrain(config=config, output_dir=output_dir, resume=resume, overrides=overrides)
+        return pretrain(config=config, output_dir=output_dir, resume=resume, overrides=overrides, checkpoint=checkpoint)
 
     def export(self, checkpoint: str, output: str, layout: Layout = "ours", format: Format | None = None) -> int:
         """Consolidated weights (.safetensors by default; .pth for --layout official) + NAME.json + NAME.md card."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from data_prep.options import PrepOptions
 from data_prep.records import SourceRows
-from data_prep.sources import cc3m, cc12m, coco, flickr30k, generic, sbu, snli_ve, vg, vqa
+from data_prep.sources import cc3m, cc12m, coco, flickr30k, generic, nlvr2, sbu, snli_ve, vg, vqa
 
 Reader = Callable[[Path, PrepOptions], SourceRows]
 
@@ -25,6 +25,7 @@ READERS: dict[str, Reader] = {
     "generic": generic.read,
     "snli_ve": snli_ve.read,
     "vqa": vqa.read,
+    "nlvr2": nlvr2.read,
 }
 
 # Files a source writes beside the shards from its rows (after the rows are read, before the download).

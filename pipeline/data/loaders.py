@@ -322,6 +322,8 @@ def build_train_loader(
     image_id, for fine-tuning's idx queue), source int64 [B] (manifest index), image_id / key /
     caption lists, bad_samples dict[str, int] (increment), step int (global step; -1 in finite mode),
     label list (only when the samples' json has per-caption `labels`: the drawn caption's label).
+    Two-image samples (`albef prep nlvr2`: <key>.left.jpg + <key>.right.jpg) give image [B,2,3,R,R],
+    each image with its own random crop.
     `num_steps` None = endless. `finetune` selects the (0.5, 1) crop scale. A worker that skips more
     than `max_consecutive_bad` samples in a row raises TooManyBadSamples (None = never).
     """
@@ -368,7 +370,8 @@ def build_eval_loader(
 
     Batch fields: image float32 [B,3,R,R] (uint8 with normalize=False), captions list[list[str]]
     (all cleaned captions of each image, stored order), image_id / key lists, image_idx / source
-    int64 [B], bad_samples dict, labels list[list] (only with per-caption `labels` in the json).
+    int64 [B], bad_samples dict, labels list[list] (only with per-caption `labels` in the json); image
+    [B,2,3,R,R] for two-image samples (`albef prep nlvr2`).
     Texts are tokenised by the caller (see `caption_index`) as retrieval needs them all at once.
     """
     cfg = StreamConfig(

@@ -184,15 +184,28 @@ def _captions(sample: dict) -> tuple[list[str], str, list | None]:
     return caps, str(meta.get("image_id", sample["__key__"])), labels
 
 
-Parsed = tuple[bytes, list[str], str, list | None]
+Parsed = tuple[bytes | tuple[bytes, bytes], list[str], str, list | None]
+PAIR_SIDES = ("left", "right")  # two-image samples (`albef prep nlvr2`): <key>.left.jpg, <key>.right.jpg
+
+
+def _image_bytes(sample: dict) -> bytes | tuple[bytes, bytes] | None:
+    """The image of a sample, or (left, right) of a two-image sample; None when missing (one of a pair too)."""
+    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if image is not None:
+        return image
+    left, right = (
+        next((sample[f"{side}.{k}"] for k in IMAGE_KEYS if f"{side}.{k}" in sample), None) for side in PAIR_SIDES
+    )
+    return (left, right) if left is not None and right is not None else None
 
 
 def _parse(sample: dict, counter: SkipCounter, max_words: int) -> Parsed | None:
-    """Image bytes, cleaned captions, image_id, per-caption labels (or None); None (counted) when a
-    part is missing or bad. A caption cleaned to "" stays in place (labels keep their index)."""
+    """Image bytes (a (left, right) pair for two-image samples), cleaned captions, image_id, per-caption
+    labels (or None); None (counted) when a part is missing or bad. A caption cleaned to "" stays in
+    place (labels keep their index)."""
     shard = sample.get("__url__")
     where = f"{shard}:{sample.get('__key__')}"
-    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    image = _image_bytes(sample)
     if image is None:
         counter.add("missing_image", where, shard=shard)
         return None
@@ -208,10 +221,21 @@ def _parse(sample: dict, counter: SkipCounter, max_words: int) -> Parsed | None:
     return image, caps, image_id, labels
 
 
-def _decode_image(data: bytes, transform: Callable, rng: random.Random | None, counter: SkipCounter, sample: dict):
+def _decode_image(
+    data: bytes | tuple[bytes, bytes],
+    transform: Callable,
+    rng: random.Random | None,
+    counter: SkipCounter,
+    sample: dict,
+):
+    """uint8 [3, R, R], or [2, 3, R, R] for a (left, right) pair (each image its own random crop, as the
+    official NLVR dataset transforms the two separately); None (counted) when a decode fails."""
     shard = sample["__url__"]
     try:
-        image = transform(open_image(data), rng)
+        if isinstance(data, tuple):
+            image = torch.stack([transform(open_image(side), rng) for side in data])
+        else:
+            image = transform(open_image(data), rng)
     except TooManyPixels as exn:
         counter.add("too_many_pixels", f"{shard}:{sample['__key__']}: {exn}", shard=shard)
         return None
@@ -313,7 +337,8 @@ def collate_train(
     counter: SkipCounter,
     normalize: bool = True,
 ) -> dict:
-    """Training batch: image [B,3,R,R] (float normalised, or uint8), input_ids / attention_mask [B,L]."""
+    """Training batch: image [B,3,R,R] ([B,2,3,R,R] for two-image samples; float normalised, or uint8),
+    input_ids / attention_mask [B,L]."""
     out = _common(samples, counter, normalize)
     captions = [s["caption"] for s in samples]
     out["input_ids"], out["attention_mask"] = tokenize(tokenizer, captions, max_len, padding)

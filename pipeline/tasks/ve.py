@@ -179,23 +179,26 @@ def weights_summary(report: Any) -> dict[str, Any]:
     }
 
 
-def ve_report(confusion: torch.Tensor, num_images: int, bad_samples: int, seconds: float) -> dict[str, Any]:
-    """The result dict of `evaluate_ve_model` from a [true, pred] confusion matrix."""
+def ve_report(
+    confusion: torch.Tensor, num_images: int, bad_samples: int, seconds: float, labels: Sequence[str] = LABEL_NAMES
+) -> dict[str, Any]:
+    """The result dict of `evaluate_ve_model` from a [true, pred] confusion matrix (also NLVR2's, whose
+    `labels` are its two classes)."""
     n = int(confusion.sum())
     if n == 0:
         raise ValueError("no hypothesis was scored (empty split?)")
-    truth = torch.arange(len(VE_LABELS)).repeat_interleave(confusion.sum(1))
-    pred = torch.cat([torch.arange(len(VE_LABELS)).repeat_interleave(row) for row in confusion])
+    truth = torch.arange(len(labels)).repeat_interleave(confusion.sum(1))
+    pred = torch.cat([torch.arange(len(labels)).repeat_interleave(row) for row in confusion])
     per_class = {
         name: 100.0 * float(confusion[c, c]) / float(confusion[c].sum())
-        for c, name in enumerate(LABEL_NAMES)
+        for c, name in enumerate(labels)
         if confusion[c].sum() > 0
     }
     return {
         "accuracy": classification_accuracy(pred, truth),
         "per_class": per_class,
         "confusion": confusion.tolist(),
-        "labels": list(LABEL_NAMES),
+        "labels": list(labels),
         "num_pairs": n,
         "num_images": num_images,
         "bad_samples": bad_samples,

@@ -20,6 +20,7 @@ from pathlib import Path
 import webdataset as wds
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from data_prep.sources.nlvr2 import image_names
 from data_prep.synthetic import write_synthetic
 from pipeline.config import REPO_ROOT
 from pipeline.runtime.io import torch_load_weights_only
@@ -212,3 +213,30 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, *names: 
     assert len(errors) == 1, out[-3000:]
     assert all(name in errors[0] for name in names), errors[0]
     return errors[0]
+
+
+def write_nlvr_split(root: Path, jsonl: Path, image_root: Path, per_shard: int = 4) -> Path:
+    """An `albef prep nlvr2`-layout folder (pair shards + manifest) written directly from a synthetic jsonl."""
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    (root / "pairs").mkdir(parents=True)
+    entries = []
+    for s in range(0, len(records), per_shard):
+        name = f"pairs/{s // per_shard:05d}.tar"
+        with wds.TarWriter(str(root / name)) as sink:
+            for k, r in enumerate(records[s : s + per_shard]):
+                left, right = image_names(r["identifier"], r.get("directory"))
+                meta = {"identifier": r["identifier"], "captions": [r["sentence"]], "labels": [r["label"]],
+                        "image_id": r["identifier"], "images": [left, right]}  # fmt: skip
+                sink.write(
+                    {
+                        "__key__": f"{s + k:09d}",
+                        "left.png": (image_root / left).read_bytes(),
+                        "right.png": (image_root / right).read_bytes(),
+                        "json": json.dumps(meta).encode(),
+                    }
+                )
+        entries.append({"path": name, "samples": len(records[s : s + per_shard])})
+    manifest = {"format_version": 1, "source": "nlvr2", "split": "test", "shards": entries, "sample_layout": "pair",
+                "num_samples": len(records), "num_captions": len(records)}  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
