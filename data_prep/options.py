@@ -15,7 +15,7 @@ from typing import Any
 
 from data_prep.errors import PrepOptionsError
 
-SOURCES = ("cc3m", "cc12m", "sbu", "coco", "vg", "flickr30k", "generic", "snli_ve")
+SOURCES = ("cc3m", "cc12m", "sbu", "coco", "vg", "flickr30k", "generic", "snli_ve", "refcoco+")
 SPLITS = ("train", "val", "test")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 GENERIC_FORMATS = ("parquet", "tsv", "csv", "json", "jsonl")
@@ -42,6 +42,9 @@ class PrepOptions:
     regions: str | None = None  # vg: path of region_descriptions.json (--input is image_data.json)
     exclude: str | None = None  # vg: file of image ids to drop, one per line; "coco:ID" matches image_data's coco_id
     min_region_size: int = 32  # vg: pixels; regions whose shorter side is smaller are dropped
+    refs: str | None = None  # refcoco+: REFER `refs(unc).p` (GT box + split of each ref; val/test)
+    instances: str | None = None  # refcoco+: COCO-style `instances.json` of REFER (boxes, image sizes)
+    dets: str | None = None  # refcoco+: `dets.json` detection proposals per image id (val/test)
     captions_file: str | None = None  # sbu txt pair: captions .txt (default: --input with "urls" -> "captions")
     url_col: str = "url"  # generic: URL column
     caption_col: str = "caption"  # generic: caption column (str or list of str per row)
@@ -78,6 +81,7 @@ SOURCE_OPTIONS: dict[str, frozenset[str]] = {
     "flickr30k": frozenset({"image_root"}),
     "generic": frozenset({"url_col", "caption_col", "id_col", "input_format", "duplicate_urls", "image_root"}),
     "snli_ve": frozenset({"image_root"}),
+    "refcoco+": frozenset({"image_root", "refs", "instances", "dets"}),
 }
 _SPECIFIC = frozenset().union(*SOURCE_OPTIONS.values())
 _REQUIRED: dict[str, tuple[str, ...]] = {
@@ -85,6 +89,7 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "vg": ("regions",),
     "flickr30k": ("split", "image_root"),
     "snli_ve": ("image_root",),
+    "refcoco+": ("image_root", "split"),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "split": SPLITS,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from data_prep.options import PrepOptions
 from data_prep.records import SourceRows
-from data_prep.sources import cc3m, cc12m, coco, flickr30k, generic, sbu, snli_ve, vg
+from data_prep.sources import cc3m, cc12m, coco, flickr30k, generic, refcoco, sbu, snli_ve, vg
 
 Reader = Callable[[Path, PrepOptions], SourceRows]
 
@@ -24,4 +24,5 @@ READERS: dict[str, Reader] = {
     "flickr30k": flickr30k.read,
     "generic": generic.read,
     "snli_ve": snli_ve.read,
+    "refcoco+": refcoco.read,
 }
