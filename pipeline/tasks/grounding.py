@@ -113,6 +113,20 @@ class RefResult:
     pred_box: list[float] | None
 
 
+def grounding_gradcams(
+    model: ALBEFRetrieval,
+    images: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mode: Literal["itm", "itc"],
+    block: int,
+) -> torch.Tensor:
+    """Grad-CAM maps fp32 [N, g, g] (on the CPU) of N (image, expression) pairs: images [N, 3, R, R]
+    normalised, one row per expression; the official arithmetic of `Grounding.val` per mode."""
+    gradcam_fn = itm_gradcam if mode == "itm" else itc_gradcam
+    return gradcam_fn(model, images, input_ids, attention_mask, block).gradcam.cpu()
+
+
 def score_ref(gradcam: torch.Tensor, label: dict[str, Any], cfg: GroundingEvalConfig) -> RefResult:
     """Rank one expression's proposals by its [g, g] Grad-CAM map (official grounding_eval)."""
     height, width = label["image_hw"]
@@ -144,11 +158,11 @@ def write_gradcam_map(path: Path, image: torch.Tensor, gradcam: torch.Tensor, la
     mixed = ((0.5 * rgb + 0.5 * jet) * 255).round().to(torch.uint8).numpy()
     out = Image.fromarray(mixed)
     draw = ImageDraw.Draw(out)
+    draw.text((2, 2), text[:60], fill=(255, 255, 255))
     for box, colour in ((label["box"], (0, 255, 0)), (result.pred_box, (255, 0, 0))):
         if box is not None:
             x, y, w, h = box[:4]
             draw.rectangle([x, y, x + w - 1, y + h - 1], outline=colour, width=max(1, round(min(width, height) / 150)))
-    draw.text((2, 2), text[:60], fill=(255, 255, 255))
     write_atomic(path, lambda tmp: out.save(tmp, format="PNG"))
 
 
@@ -178,7 +192,6 @@ def evaluate_grounding_model(
     The model's train/eval mode is restored afterwards; no parameter gradient is left behind."""
     tokenizer = tokenizer or build_tokenizer(cfg.vocab)
     block = cfg.gradcam_block(model.config)
-    gradcam_fn = itm_gradcam if cfg.mode == "itm" else itc_gradcam
     loader = build_eval_loader(
         [data],
         batch_size=cfg.image_batch_size,
@@ -212,7 +225,7 @@ def evaluate_grounding_model(
                 chunk = refs[s : s + cfg.refs_per_batch]
                 ids, mask = tokenize(tokenizer, [t for _, t, _ in chunk], cfg.max_tokens, "longest")
                 index = torch.tensor([i for i, _, _ in chunk], device=device)
-                cams = gradcam_fn(model, images[index], ids.to(device), mask.to(device), block).gradcam.cpu()
+                cams = grounding_gradcams(model, images[index], ids.to(device), mask.to(device), cfg.mode, block)
                 for (i, text, label), cam in zip(chunk, cams):
                     result = score_ref(cam, label, cfg)
                     results.append(result)
