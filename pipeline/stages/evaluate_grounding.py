@@ -123,7 +123,8 @@ def evaluate_grounding(
         scalars = {"accuracy": {"all": report["accuracy_all"], **report["accuracy"]}, "chance": report["chance"]}
         tensorboard_scalars(out / "tensorboard", f"eval/{stem}", scalars, loaded.step or 0)
         per_split = ", ".join(
-            f"{k} {v:.2f} (chance {report['chance'][k]:.2f}, n={report['num_refs'][k]})" for k, v in report["accuracy"].items()
+            f"{k} {v:.2f} (chance {report['chance'][k]:.2f}, n={report['num_refs'][k]})"
+            for k, v in report["accuracy"].items()
         )
         print(f"{stem}: grounding accuracy (IoU >= {cfg.iou_threshold}) {per_split}; all {report['accuracy_all']:.2f}")
         logger.info("wrote %s (%.1f s)", out / "eval" / f"{stem}.json", report["time_s"])

@@ -51,7 +51,9 @@ logger = logging.getLogger(__name__)
 _LABEL_KEYS = ("ref_id", "split", "box", "proposals", "image_hw")
 
 
-def build_grounding_from_checkpoint(state_dict: dict[str, torch.Tensor], backbone: ALBEFConfig) -> tuple[ALBEFRetrieval, Any]:
+def build_grounding_from_checkpoint(
+    state_dict: dict[str, torch.Tensor], backbone: ALBEFConfig
+) -> tuple[ALBEFRetrieval, Any]:
     """The retrieval model with `state_dict` loaded (an official grounding/retrieval checkpoint, a
     pretraining one, or one of our runs); returns (model, conversion report). Anything but the queues
     missing raises (load_retrieval_state)."""
@@ -146,11 +148,13 @@ def _check_label(label: Any) -> dict[str, Any]:
     return label
 
 
-def write_gradcam_map(path: Path, image: torch.Tensor, gradcam: torch.Tensor, label: dict, result: RefResult, text: str) -> None:
+def write_gradcam_map(
+    path: Path, image: torch.Tensor, gradcam: torch.Tensor, label: dict, result: RefResult, text: str
+) -> None:
     """PNG of the Grad-CAM map over the image at its original size: heatmap (min-max normalised, for
     display only), GT box green, chosen box red, the expression written on top."""
     height, width = (int(v) for v in label["image_hw"])
-    base = Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize((width, height), Image.BICUBIC)
+    base = Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize((width, height), Image.Resampling.BICUBIC)
     heat = upsample_gradcam(gradcam, height, width)
     heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-12)
     jet = torch.stack([(1.5 - (4 * heat - c).abs()).clamp(0, 1) for c in (3, 2, 1)], -1)  # [H, W, 3]

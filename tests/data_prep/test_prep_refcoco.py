@@ -70,7 +70,8 @@ def test_prep_refcoco_eval_for_real(tmp_path: Path) -> None:
     samples = read_samples(tmp_path / "out")
     assert manifest["num_captions"] == len(kept) == sum(len(s.meta["captions"]) for s in samples)
     for s in samples:
-        for text, label in zip(s.meta["captions"], s.meta["labels"]):
+        assert len(s.meta["labels"]) == len(s.meta["captions"])
+        for label in s.meta["labels"]:
             assert label["box"] == synth.boxes[label["ref_id"]] and label["split"] in ("testA", "testB")
             assert label["box"] in label["proposals"]
             height, width = label["image_hw"]

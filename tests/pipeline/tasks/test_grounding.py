@@ -116,7 +116,11 @@ def test_stage_config_errors_name_the_key() -> None:
         load_config(GroundingConfig, "grounding_tiny_cpu", {"data.train": ["/d"], "eval.mode": "grad"})
     cfg = load_config(GroundingConfig, "grounding_refcoco", {})
     assert (cfg.model.image_res, cfg.train.batch_size, cfg.train.epochs, cfg.optim.lr, cfg.optim.min_lr) == (
-        384, 32, 5, 1e-5, 1e-6
+        384,
+        32,
+        5,
+        1e-5,
+        1e-6,
     )
     assert (cfg.train.alpha, cfg.train.alpha_ramp_epochs, cfg.model.queue_size, cfg.eval.block) == (0.4, 1.0, 65536, 8)
 
