@@ -15,11 +15,14 @@ official `val_d`), which selects the `best` tag as the official code keeps `chec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from pipeline.config import ConfigError, TrainingStageConfig, load_config
+from pipeline.config import ConfigError, TrainingStageConfig, check, load_config
+from pipeline.data import read_manifest
+from pipeline.runtime.distributed import DistInfo
 from pipeline.stages.finetune_retrieval import (
     RetrievalDataConfig,
     RetrievalModelConfig,
@@ -84,6 +87,22 @@ class GroundingTask(RetrievalTask):
         return {**super().export_extra(), "task": "grounding"}
 
 
+def check_grounding_runtime(task: GroundingTask) -> Callable[[GroundingConfig, DistInfo, str], None]:
+    """The retrieval stage's checks, and `data.val` must hold evaluation samples (a val/test prep with
+    boxes and proposals): a train prep there would fail only at the end of the first epoch."""
+    base = check_runtime(task)
+
+    def _check(cfg: GroundingConfig, info: DistInfo, device: str) -> None:
+        base(cfg, info, device)  # type: ignore[arg-type]
+        if cfg.data.val is not None:
+            manifest = read_manifest(cfg.data.val)
+            source, split = manifest.get("source"), manifest.get("split")
+            check(source == "refcoco+" and split in ("val", "test"), "data.val",
+                  f"{cfg.data.val} is a {source} {split} prep; expected `albef prep refcoco+ --split val|test`")  # fmt: skip
+
+    return _check
+
+
 def finetune_grounding(
     config: str, checkpoint: str, output_dir: str, resume: str = "auto", overrides: dict[str, Any] | None = None
 ) -> int:
@@ -93,4 +112,4 @@ def finetune_grounding(
     except ConfigError as err:
         return config_error_exit(err)
     task = GroundingTask(cfg, checkpoint)
-    return run_training(cfg, output_dir, resume, make_task=lambda info: task, check=check_runtime(task))
+    return run_training(cfg, output_dir, resume, make_task=lambda info: task, check=check_grounding_runtime(task))

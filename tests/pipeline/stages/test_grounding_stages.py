@@ -56,6 +56,14 @@ def test_config_and_input_errors_exit_2(tmp_path: Path, capfd) -> None:
     code = finetune_grounding("grounding_tiny_cpu", str(ckpt), str(tmp_path / "run"), overrides={"data.train": f"[{tmp_path}/no]"})  # fmt: skip
     assert code == 2 and not (tmp_path / "run").exists()
     assert "data.train[0]" in capfd.readouterr().err
+    train = tmp_path / "train_prep"
+    (train / "shards").mkdir(parents=True)
+    (train / "manifest.json").write_text(json.dumps({"format_version": 1, "source": "refcoco+", "split": "train",
+        "shards": [], "num_samples": 0, "num_captions": 0}))  # fmt: skip
+    code = finetune_grounding("grounding_tiny_cpu", str(ckpt), str(tmp_path / "run"),
+                              overrides={"data.train": f"[{train}]", "data.val": str(train)})  # fmt: skip
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert "data.val" in capfd.readouterr().err
     code = finetune_grounding("grounding_tiny_cpu", str(ckpt), str(tmp_path / "run"), overrides={"eval.box_alpa": 1})
     assert code == 2 and "eval.box_alpa" in capfd.readouterr().err
     with pytest.raises(SystemExit) as exc:
