@@ -14,8 +14,8 @@ official `val_d`), which selects the `best` tag as the official code keeps `chec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
