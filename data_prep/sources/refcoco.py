@@ -104,6 +104,12 @@ def _image_id(name: str) -> str:
     return str(int(tail)) if tail.isdigit() else stem
 
 
+def _ref_id(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise PrepInputError(where, f"ref_id must be an integer, got {value!r}")
+    return int(value)
+
+
 def read(path: Path, opts: PrepOptions) -> SourceRows:
     assert opts.image_root is not None and opts.split is not None  # parse_options requires them
     native = path.suffix.lower() in (".p", ".pkl", ".pickle")
@@ -138,7 +144,7 @@ def read(path: Path, opts: PrepOptions) -> SourceRows:
             continue
         label = None
         if evaluation or native:
-            ref = refs.get(int(record.get("ref_id", -1)))
+            ref = refs.get(_ref_id(record.get("ref_id"), where))
             if ref is None:
                 skip("unknown_ref", where)
                 continue

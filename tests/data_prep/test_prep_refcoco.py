@@ -130,6 +130,10 @@ def test_refcoco_option_and_input_errors(tmp_path: Path) -> None:
     evil.write_bytes(pickle.dumps([{"ref_id": 1, "x": Evil()}]))
     with pytest.raises(PrepInputError, match="only plain data"):
         read(synth.files["val_json"], parse_options("refcoco+", {"image_root": str(synth.image_root), "split": "val", **files, "refs": str(evil)}))  # fmt: skip
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image": "train2014/x.jpg", "text": "the red circle", "ref_id": "r1"}]))
+    with pytest.raises(PrepInputError, match="entry 0.*ref_id"):
+        read(bad, parse_options("refcoco+", {"image_root": str(synth.image_root), "split": "val", **files}))
     rows = read(synth.files["val_json"], parse_options("refcoco+", {"image_root": str(synth.image_root), "split": "val", **files}))  # fmt: skip
     assert len(rows.rows) == 3 and rows.input_rows == 9 and not rows.skipped
     label = rows.rows[0].extra["labels"][0]  # type: ignore[index]
