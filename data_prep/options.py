@@ -15,7 +15,7 @@ from typing import Any
 
 from data_prep.errors import PrepOptionsError
 
-SOURCES = ("cc3m", "cc12m", "sbu", "coco", "vg", "flickr30k", "generic", "snli_ve", "vqa", "nlvr2")
+SOURCES = ("cc3m", "cc12m", "sbu", "coco", "vg", "flickr30k", "generic", "snli_ve", "vqa", "nlvr2", "refcoco+")
 SPLITS = ("train", "val", "test")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 GENERIC_FORMATS = ("parquet", "tsv", "csv", "json", "jsonl")
@@ -42,6 +42,9 @@ class PrepOptions:
     regions: str | None = None  # vg: path of region_descriptions.json (--input is image_data.json)
     exclude: str | None = None  # vg: file of image ids to drop, one per line; "coco:ID" matches image_data's coco_id
     min_region_size: int = 32  # vg: pixels; regions whose shorter side is smaller are dropped
+    refs: str | None = None  # refcoco+: REFER `refs(unc).p` (GT box + split of each ref; val/test)
+    instances: str | None = None  # refcoco+: COCO-style `instances.json` of REFER (boxes, image sizes)
+    dets: str | None = None  # refcoco+: `dets.json` detection proposals per image id (val/test)
     captions_file: str | None = None  # sbu txt pair: captions .txt (default: --input with "urls" -> "captions")
     url_col: str = "url"  # generic: URL column
     caption_col: str = "caption"  # generic: caption column (str or list of str per row)
@@ -83,6 +86,7 @@ SOURCE_OPTIONS: dict[str, frozenset[str]] = {
     "snli_ve": frozenset({"image_root"}),
     "vqa": frozenset({"image_root", "annotations", "answer_list", "num_answers"}),
     "nlvr2": frozenset({"image_root"}),
+    "refcoco+": frozenset({"image_root", "refs", "instances", "dets"}),
 }
 _SPECIFIC = frozenset().union(*SOURCE_OPTIONS.values())
 _REQUIRED: dict[str, tuple[str, ...]] = {
@@ -92,6 +96,7 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "snli_ve": ("image_root",),
     "vqa": ("image_root",),
     "nlvr2": ("image_root",),
+    "refcoco+": ("image_root", "split"),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "split": SPLITS,

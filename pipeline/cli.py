@@ -51,6 +51,14 @@ class Finetune:
             config=config, checkpoint=checkpoint, output_dir=output_dir, resume=resume, overrides=overrides
         )
 
+    def grounding(self, config: str, checkpoint: str, output_dir: str, resume: str = "auto", **overrides: Any) -> int:
+        """Fine-tune for weakly supervised RefCOCO+ grounding (retrieval losses on image-expression pairs)."""
+        from pipeline.stages.finetune_grounding import finetune_grounding
+
+        return finetune_grounding(
+            config=config, checkpoint=checkpoint, output_dir=output_dir, resume=resume, overrides=overrides
+        )
+
 
 class Evaluate:
     """Evaluation stages."""
@@ -82,6 +90,12 @@ class Evaluate:
         from pipeline.stages.evaluate_nlvr import evaluate_nlvr
 
         return evaluate_nlvr(checkpoint=checkpoint, data=data, output_dir=output_dir, overrides=overrides)
+
+    def grounding(self, checkpoint: str, data: str, output_dir: str, **overrides: Any) -> dict:
+        """RefCOCO+ grounding accuracy (Grad-CAM proposal ranking, IoU >= 0.5) per split; --write_maps N for PNGs."""
+        from pipeline.stages.evaluate_grounding import evaluate_grounding
+
+        return evaluate_grounding(checkpoint=checkpoint, data=data, output_dir=output_dir, overrides=overrides)
 
 
 class Slurm:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from data_prep.options import PrepOptions
 from data_prep.records import SourceRows
-from data_prep.sources import cc3m, cc12m, coco, flickr30k, generic, nlvr2, sbu, snli_ve, vg, vqa
+from data_prep.sources import cc3m, cc12m, coco, flickr30k, generic, nlvr2, refcoco, sbu, snli_ve, vg, vqa
 
 Reader = Callable[[Path, PrepOptions], SourceRows]
 
@@ -26,6 +26,7 @@ READERS: dict[str, Reader] = {
     "snli_ve": snli_ve.read,
     "vqa": vqa.read,
     "nlvr2": nlvr2.read,
+    "refcoco+": refcoco.read,
 }
 
 # Files a source writes beside the shards from its rows (after the rows are read, before the download).
