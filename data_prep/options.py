@@ -37,7 +37,7 @@ class PrepOptions:
         None  # train|val|test. coco/flickr30k: the Karpathy split (coco train = train+restval); else a label
     )
     image_root: str | None = (
-        None  # coco/flickr30k/generic/snli_ve/vqa/nlvr2: local folder (-> file:// URLs, names must stay inside) or http(s) base URL
+        None  # coco/flickr30k/generic/snli_ve/vqa/nlvr2/refcoco+: local folder (-> file:// URLs, names must stay inside) or http(s) base URL
     )
     regions: str | None = None  # vg: path of region_descriptions.json (--input is image_data.json)
     exclude: str | None = None  # vg: file of image ids to drop, one per line; "coco:ID" matches image_data's coco_id
