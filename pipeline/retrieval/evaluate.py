@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 
 from model.config import ALBEFConfig, ModelConfigError
 from model.retrieval import ALBEFRetrieval, build_retrieval, load_retrieval_state
@@ -30,6 +29,7 @@ from pipeline.data import build_eval_loader, caption_index
 from pipeline.data.text import build_tokenizer, tokenize
 from pipeline.retrieval.metrics import chance_metrics, recall_curves, retrieval_metrics
 from pipeline.retrieval.rerank import EncodedSplit, all_gather_rows, row_range, score_matrices, score_matrices_grouped
+from pipeline.runtime.distributed import all_gather_objects
 from pipeline.runtime.io import LoadedCheckpoint, read_checkpoint
 from pipeline.runtime.preemption import check_stop, stop_requested_here
 
@@ -170,15 +170,6 @@ class EvalSplit:
     bad_samples: int
 
 
-def _gather_objects(obj: Any, world_size: int) -> list[Any]:
-    """Every rank's `obj` in rank order (one process: [obj])."""
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 @torch.no_grad()
 def encode_split(
     model: Any,
@@ -220,7 +211,7 @@ def encode_split(
         if stop_requested_here():  # fine-tuning's validation: stop early; the ranks agree below
             break
     check_stop()  # collective: every rank reaches it once, whatever its share
-    shares = _gather_objects((order, captions, bad), world_size)
+    shares = all_gather_objects((order, captions, bad), world_size)
     counts = [len(o) for o, _, _ in shares]
     order = [x for o, _, _ in shares for x in o]
     captions = [x for _, c, _ in shares for x in c]

@@ -24,7 +24,7 @@ import re
 import socket
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import deepspeed
 import torch
@@ -215,3 +215,20 @@ def init_distributed(info: DistInfo, device: str, timeout_s: float = 1800.0, gro
         info.master_port,
     )
     return torch_device
+
+
+def all_gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's picklable `obj` in rank order: what evaluations gather (per-rank results of
+    unequal sizes). world_size 1 = this process alone ([obj]), whatever process group exists."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks, in place (unchanged without a process group of several ranks)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t

@@ -25,7 +25,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 from model.config import ALBEFConfig
@@ -43,6 +42,7 @@ from pipeline.config import check
 from pipeline.data import build_eval_loader
 from pipeline.data.text import build_tokenizer, tokenize
 from pipeline.data.transforms import normalize_images
+from pipeline.runtime.distributed import all_gather_objects
 from pipeline.runtime.io import write_atomic
 from pipeline.tasks.metrics import grounding_accuracy
 
@@ -170,14 +170,6 @@ def write_gradcam_map(
     write_atomic(path, lambda tmp: out.save(tmp, format="PNG"))
 
 
-def _gather(items: list[Any], world_size: int) -> list[Any]:
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        parts: list[Any] = [None] * world_size
-        dist.all_gather_object(parts, items)
-        return [x for part in parts for x in part]
-    return items
-
-
 @torch.no_grad()
 def evaluate_grounding_model(
     model: ALBEFRetrieval,
@@ -241,8 +233,8 @@ def evaluate_grounding_model(
             counts["bad_samples"] += sum(batch.get("bad_samples", {}).values())
     finally:
         model.train(was_training)
-    results = _gather(results, world_size)
-    totals = _gather([counts], world_size)
+    results = [r for part in all_gather_objects(results, world_size) for r in part]
+    totals = all_gather_objects(counts, world_size)
     merged = {k: sum(c[k] for c in totals) for k in counts}
     return grounding_report(results, cfg, merged, time.perf_counter() - t0, block)
 

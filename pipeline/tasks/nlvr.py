@@ -43,7 +43,8 @@ from model.heads.nlvr import (
 from model.heads.ve import ClassifierConfig
 from pipeline.data import build_eval_loader
 from pipeline.data.text import build_tokenizer, tokenize
-from pipeline.tasks.ve import VEEvalConfig, _all_reduce, ve_report
+from pipeline.runtime.distributed import all_reduce_sum
+from pipeline.tasks.ve import VEEvalConfig, ve_report
 
 logger = logging.getLogger(__name__)
 
@@ -203,5 +204,5 @@ def evaluate_nlvr_model(
             counts += torch.tensor([len(batch["captions"]), sum(batch.get("bad_samples", {}).values())])
     finally:
         model.train(was_training)
-    confusion, counts = _all_reduce(confusion.to(device)).cpu(), _all_reduce(counts.to(device)).cpu()
+    confusion, counts = all_reduce_sum(confusion.to(device)).cpu(), all_reduce_sum(counts.to(device)).cpu()
     return ve_report(confusion, int(counts[0]), int(counts[1]), time.perf_counter() - t0, labels=LABEL_NAMES)

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 
 from model.config import ALBEFConfig
 from model.heads.ve import ALBEFVE, VE_LABELS, ClassifierConfig, build_ve, load_classifier_state
 from pipeline.config import check
 from pipeline.data import build_eval_loader
 from pipeline.data.text import build_tokenizer, tokenize
+from pipeline.runtime.distributed import all_reduce_sum
 from pipeline.tasks.metrics import classification_accuracy
 
 logger = logging.getLogger(__name__)
@@ -110,12 +110,6 @@ def ve_logits(
     return model.cls_head(cls).float()
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
 @torch.no_grad()
 def evaluate_ve_model(
     model: ALBEFVE,
@@ -163,7 +157,7 @@ def evaluate_ve_model(
             counts += torch.tensor([len(batch["captions"]), sum(batch.get("bad_samples", {}).values())])
     finally:
         model.train(was_training)
-    confusion, counts = _all_reduce(confusion.to(device)).cpu(), _all_reduce(counts.to(device)).cpu()
+    confusion, counts = all_reduce_sum(confusion.to(device)).cpu(), all_reduce_sum(counts.to(device)).cpu()
     return ve_report(confusion, int(counts[0]), int(counts[1]), time.perf_counter() - t0)
 
 

@@ -34,7 +34,7 @@ from model.heads.vqa import ALBEFVQA, AnswerRanking, VQAConfig, build_vqa, load_
 from pipeline.config import check
 from pipeline.data import build_eval_loader
 from pipeline.data.text import tokenize
-from pipeline.retrieval.evaluate import _gather_objects
+from pipeline.runtime.distributed import all_gather_objects
 from pipeline.tasks.metrics import vqa_accuracy
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def evaluate_vqa_model(
             bad += sum(batch.get("bad_samples", {}).values())
     finally:
         model.train(was_training)
-    gathered = _gather_objects((local, images_seen, bad), world_size)
+    gathered = all_gather_objects((local, images_seen, bad), world_size)
     answered = sorted((q for part, _, _ in gathered for q in part), key=lambda r: _id_key(r[0]))
     if not answered:
         raise ValueError(f"{data}: no question was answered (empty split?)")
