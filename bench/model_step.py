@@ -120,7 +120,10 @@ def run_one(
         out.loss.backward()
         if opt is not None:
             opt.step()
-            model.enqueue(**out.queue_update())
+            if hasattr(out, "queue_update"):
+                model.enqueue(**out.queue_update())
+            else:  # a baseline checkout from before `queue_update` (--code)
+                model.enqueue(out.image_feat_m, out.text_feat_m)
         model.zero_grad(set_to_none=True)
 
     step()  # warm-up (allocator, lazy init)
