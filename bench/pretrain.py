@@ -10,6 +10,8 @@ this machine with `--nproc N` (gloo on the CPU, as the tests).
     python bench/pretrain.py --config pretrain_4m --ds ds_configs/zero2_fp16.json --peak_tflops 989   # H100/H200 bf16 dense
     python bench/pretrain.py --config pretrain_4m --batch_size 8 --image_res 64 --text_len 16 --threads 1 \
         --ds ds_configs/cpu.json,ds_configs/cpu_bf16.json,ds_configs/cpu_ds_bf16.json --repeats 3   # CPU precisions
+    python bench/pretrain.py --config pretrain_4m --batch_size 8 --image_res 64 --text_len 16 --threads 1 \
+        --ds ds_configs/cpu_bf16.json --steps 3 --profile 25   # + the top 25 ops of those steps (stderr)
 
 `--ds A,B,...` runs each config in turn (fresh processes), `--repeats N` times interleaved, and prints
 one JSON line per run then the median step time per config (the machine may be shared).
@@ -160,14 +162,24 @@ def run_rank(args: argparse.Namespace) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    profiler = None
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             sync()
+            if args.profile and info.rank == 0:  # where a step's time goes (ops by self time)
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+                profiler.__enter__()
             t0, c0 = time.perf_counter(), time.process_time()
         trainer.train_step(batches)
         trainer.state.step += 1
     sync()
     elapsed, cpu_elapsed = time.perf_counter() - t0, time.process_time() - c0
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        averages = profiler.key_averages()
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=args.profile), file=sys.stderr)
+        by_shape = profiler.key_averages(group_by_input_shape=True)  # which copies / concatenations
+        print(by_shape.table(sort_by="self_cpu_time_total", row_limit=args.profile), file=sys.stderr)
     images = args.steps * cfg.train.batch_size * cfg.train.grad_accum_steps * info.world_size
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -246,6 +258,9 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak, for the MFU estimate")
     parser.add_argument("--repeats", type=int, default=1, help="runs per --ds config, interleaved")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (engine.compile())")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="rank 0: torch.profiler table of the top N ops over the timed steps"
+    )
     parser.add_argument("--_rank_child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._rank_child or ("RANK" in os.environ and args.nproc == 1):
