@@ -26,10 +26,11 @@ SCORE_LABELS = {
 }
 
 
-def report_stem(dataset: str, split: str | None) -> str:
-    """`retrieval_<dataset>_<split>` with characters that are unsafe in file names replaced."""
+def report_stem(dataset: str, split: str | None, task: str = "retrieval") -> str:
+    """`<task>_<dataset>_<split>` with characters that are unsafe in file names replaced (the name of
+    every evaluation's report, plots and TensorBoard tag)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}_{split or 'all'}")
-    return f"retrieval_{safe}"
+    return f"{task}_{safe}"
 
 
 def format_table(metrics: Mapping[str, Mapping[str, float]], title: str = "") -> str:

@@ -13,33 +13,13 @@ scalars `eval/ve_<dataset>_<split>/accuracy/{all,<label>}` under DIR/tensorboard
 
 from __future__ import annotations
 
-import datetime
-import logging
-import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from pipeline.config import ConfigError, check, load_config, resolve_path, to_dict
-from pipeline.data import read_manifest
-from pipeline.retrieval.evaluate import eval_dtype, infer_model_config
-from pipeline.retrieval.report import tensorboard_scalars
-from pipeline.runtime.distributed import dist_info_from_env, init_distributed
-from pipeline.runtime.ds_config import resolve_device
-from pipeline.runtime.exit_codes import CONFIG_ERROR_EXIT_CODE
-from pipeline.runtime.io import read_checkpoint, write_json_atomic
-from pipeline.runtime.logs import setup_logging
+from pipeline.retrieval.evaluate import eval_dtype
+from pipeline.retrieval.report import report_stem
+from pipeline.stages.evaluation import publish, read_eval_inputs, report_context, start_device
 from pipeline.tasks.ve import VEEvalConfig, build_ve_from_checkpoint, evaluate_ve_model, weights_summary
-
-logger = logging.getLogger(__name__)
-
-
-def report_stem(dataset: str, split: str | None) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}_{split or 'all'}")
-    return f"ve_{safe}"
 
 
 def evaluate_ve(
@@ -48,66 +28,27 @@ def evaluate_ve(
     """Evaluate `checkpoint` on `data`; returns the written report (every rank returns it).
 
     A bad option or a missing input is logged as one line naming the key and exits with code 2,
-    before any model is built.
+    before any model is built (pipeline/stages/evaluation.py).
     """
-    t_start = time.perf_counter()
-    info = dist_info_from_env()
-    setup_logging(info.rank)
-    try:
-        flat = {str(k).replace("-", "_").removeprefix("eval."): v for k, v in (overrides or {}).items()}
-        flat.pop("local_rank", None)  # added by the `deepspeed` launcher
-        cfg = load_config(VEEvalConfig, None, flat)
-        check(resolve_path(data) is not None, "data", f"eval data not found: {data}")
-        check(Path(checkpoint).exists(), "checkpoint", f"not found: {checkpoint}")
-        kind = resolve_device(cfg.device)
-        eval_dtype(cfg.precision, torch.device(kind))  # fp16 on the CPU is refused here, before any work
-        try:
-            manifest = read_manifest(data)
-        except (OSError, ValueError) as err:
-            raise ConfigError("data", str(err)) from None
-        try:
-            loaded = read_checkpoint(checkpoint)
-        except (OSError, ValueError) as err:
-            raise ConfigError("checkpoint", str(err)) from None
-        model_cfg = infer_model_config(loaded, cfg.preset, cfg.image_res)
-    except ConfigError as err:
-        logger.error("%s", err)
-        raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
-    device = init_distributed(info, kind, timeout_s=3600.0, group_of_one=False)
-    model, conversion = build_ve_from_checkpoint(loaded.state_dict, model_cfg, distill=False)
+    inputs = read_eval_inputs(VEEvalConfig, checkpoint, data, overrides)
+    cfg, info = inputs.cfg, inputs.info
+    device = start_device(inputs)
+    model, conversion = build_ve_from_checkpoint(inputs.loaded.state_dict, inputs.model_cfg, distill=False)
     model = model.to(device=device, dtype=eval_dtype(cfg.precision, device)).eval()
     result = evaluate_ve_model(model, data, cfg, device, rank=info.rank, world_size=info.world_size)
-    dataset, split = cfg.dataset or str(manifest.get("source", Path(data).name)), manifest.get("split")
-    stem = report_stem(dataset, split)
+    context = report_context(inputs, checkpoint, data, model, device)
+    stem = report_stem(context["dataset"], context["split"], "ve")
     report = {
         **{k: v for k, v in result.items() if k != "timings"},
         "chance": 100.0 / len(result["labels"]),
-        "checkpoint": str(checkpoint),
-        "checkpoint_step": loaded.step,
-        "dataset": dataset,
-        "split": split,
-        "data": str(data),
+        **context,
         "weights": weights_summary(conversion),
-        "config": to_dict(cfg),
-        "model_config": model_cfg.to_dict(),
-        "world_size": info.world_size,
-        "device": str(device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "timings": result["timings"],
-        "time_s": time.perf_counter() - t_start,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if info.rank == 0:
-        out = Path(output_dir)
-        write_json_atomic(out / "eval" / f"{stem}.json", report)
-        scalars = {"accuracy": {"all": report["accuracy"], **report["per_class"]}}
-        tensorboard_scalars(out / "tensorboard", f"eval/{stem}", scalars, loaded.step or 0)
-        per_class = ", ".join(f"{k} {v:.2f}" for k, v in report["per_class"].items())
-        print(
-            f"{stem}: accuracy {report['accuracy']:.2f}% on {report['num_pairs']} hypotheses of "
-            f"{report['num_images']} images ({per_class}; chance {report['chance']:.2f})"
-        )
-        logger.info("wrote %s (%.1f s)", out / "eval" / f"{stem}.json", report["time_s"])
-    if info.world_size > 1:
-        dist.barrier()
-    return report
+    per_class = ", ".join(f"{k} {v:.2f}" for k, v in report["per_class"].items())
+    line = (
+        f"{stem}: accuracy {report['accuracy']:.2f}% on {report['num_pairs']} hypotheses of "
+        f"{report['num_images']} images ({per_class}; chance {report['chance']:.2f})"
+    )
+    scalars = {"accuracy": {"all": report["accuracy"], **report["per_class"]}}
+    return publish(inputs, output_dir, stem, report, scalars, line)

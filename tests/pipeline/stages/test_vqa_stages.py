@@ -67,10 +67,8 @@ def test_config_and_input_errors_exit_2(tmp_path: Path, capfd) -> None:
     with pytest.raises(SystemExit) as exc:
         evaluate_vqa(str(tmp_path / "missing.pth"), str(tmp_path), str(tmp_path / "out"), {"device": "cpu"})
     assert exc.value.code == 2 and not (tmp_path / "out").exists()
-    data = tmp_path / "data"
-    data.mkdir()
-    with pytest.raises(SystemExit) as exc:  # no --answer_list and none beside the shards
-        evaluate_vqa(str(ckpt), str(data), str(tmp_path / "out"), {"device": "cpu"})
+    with pytest.raises(SystemExit) as exc:  # a prep folder, but no --answer_list and none beside the shards
+        evaluate_vqa(str(ckpt), str(data_dir), str(tmp_path / "out"), {"device": "cpu"})
     assert exc.value.code == 2 and "answer_list" in capfd.readouterr().err
 
 
