@@ -19,7 +19,6 @@ Which checkpoint initialises what (the official chain is ALBEF_4M.pth -> Pretrai
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +40,7 @@ from model.heads.nlvr import (
     pair_hidden_states,
 )
 from model.heads.ve import ClassifierConfig
-from pipeline.data import build_eval_loader
-from pipeline.data.text import build_tokenizer, tokenize
-from pipeline.runtime.distributed import all_reduce_sum
-from pipeline.tasks.ve import VEEvalConfig, ve_report
+from pipeline.tasks.ve import VEEvalConfig, score_labelled_captions, ve_report
 
 logger = logging.getLogger(__name__)
 
@@ -170,39 +166,13 @@ def evaluate_nlvr_model(
     their shards, the counts are summed). Every rank returns {"accuracy", "per_class", "confusion"
     [true][pred], "labels", "num_pairs" (sentences), "num_images" (samples), "bad_samples", "timings"}.
     The model's train/eval mode is restored afterwards."""
-    tokenizer = tokenizer or build_tokenizer(cfg.vocab)
-    loader = build_eval_loader(
-        [data],
-        batch_size=cfg.image_batch_size,
-        rank=rank,
-        world_size=world_size,
-        num_workers=cfg.num_workers,
-        image_res=model.config.backbone.vision.image_size,
-        max_words=cfg.max_words,
-    )
-    dtype = next(model.parameters()).dtype
-    confusion = torch.zeros(len(LABEL_NAMES), len(LABEL_NAMES), dtype=torch.long)
-    counts = torch.zeros(2, dtype=torch.long)  # samples, bad samples
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
-    try:
-        for batch in loader:
-            if "labels" not in batch or batch["image"].ndim != 5:
-                raise ValueError(
-                    f"{data}: samples are not image pairs with labels; is it an `albef prep nlvr2` folder?"
-                )
-            sentences = [(i, c, lab) for i, (caps, labs) in enumerate(zip(batch["captions"], batch["labels"])) for c, lab in zip(caps, labs) if c]  # fmt: skip
-            images = batch["image"].to(device, dtype=dtype, non_blocking=True)
-            for s in range(0, len(sentences), cfg.pairs_per_batch):
-                chunk = sentences[s : s + cfg.pairs_per_batch]
-                ids, mask = tokenize(tokenizer, [c for _, c, _ in chunk], cfg.max_tokens)
-                index = torch.tensor([i for i, _, _ in chunk], device=device)
-                pred = nlvr_logits(model, images, index, ids.to(device), mask.to(device)).argmax(1).cpu()
-                target = label_ids([lab for _, _, lab in chunk])
-                confusion.index_put_((target, pred), torch.ones_like(target), accumulate=True)
-            counts += torch.tensor([len(batch["captions"]), sum(batch.get("bad_samples", {}).values())])
-    finally:
-        model.train(was_training)
-    confusion, counts = all_reduce_sum(confusion.to(device)).cpu(), all_reduce_sum(counts.to(device)).cpu()
-    return ve_report(confusion, int(counts[0]), int(counts[1]), time.perf_counter() - t0, labels=LABEL_NAMES)
+
+    def check_batch(batch: dict) -> None:
+        if "labels" not in batch or batch["image"].ndim != 5:
+            raise ValueError(f"{data}: samples are not image pairs with labels; is it an `albef prep nlvr2` folder?")
+
+    confusion, images, bad, seconds = score_labelled_captions(
+        model, data, cfg, device, logits_fn=nlvr_logits, label_ids_fn=label_ids, num_classes=len(LABEL_NAMES),
+        check_batch=check_batch, rank=rank, world_size=world_size, tokenizer=tokenizer,
+    )  # fmt: skip
+    return ve_report(confusion, images, bad, seconds, labels=LABEL_NAMES)

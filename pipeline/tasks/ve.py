@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -125,6 +125,37 @@ def evaluate_ve_model(
     scores its share of the shards, the counts are summed). Every rank returns the same result:
     {"accuracy", "per_class" {label: accuracy}, "confusion" [true][pred] counts, "num_pairs",
     "num_images", "bad_samples", "timings"}. The model's train/eval mode is restored afterwards."""
+
+    def check_batch(batch: dict) -> None:
+        if "labels" not in batch:
+            raise ValueError(f"{data}: samples carry no `labels`; is it an `albef prep snli_ve` folder?")
+
+    confusion, images, bad, seconds = score_labelled_captions(
+        model, data, cfg, device, logits_fn=ve_logits, label_ids_fn=label_ids, num_classes=len(VE_LABELS),
+        check_batch=check_batch, rank=rank, world_size=world_size, tokenizer=tokenizer,
+    )  # fmt: skip
+    return ve_report(confusion, images, bad, seconds)
+
+
+@torch.no_grad()
+def score_labelled_captions(
+    model: Any,
+    data: str | Path,
+    cfg: VEEvalConfig,
+    device: torch.device,
+    *,
+    logits_fn: Callable[..., torch.Tensor],
+    label_ids_fn: Callable[[Sequence[Any]], torch.Tensor],
+    num_classes: int,
+    check_batch: Callable[[dict], None],
+    rank: int = 0,
+    world_size: int = 1,
+    tokenizer: Any = None,
+) -> tuple[torch.Tensor, int, int, float]:
+    """The classification loop SNLI-VE and NLVR2 share: every (image(s), caption, label) of `data`
+    scored once by `logits_fn(model, images, index, ids, mask)`; collective when world_size > 1 (each
+    rank scores its shards, the counts are summed). Returns (confusion [true][pred], images, bad
+    samples, seconds); the model's train/eval mode is restored afterwards."""
     tokenizer = tokenizer or build_tokenizer(cfg.vocab)
     loader = build_eval_loader(
         [data],
@@ -136,29 +167,28 @@ def evaluate_ve_model(
         max_words=cfg.max_words,
     )
     dtype = next(model.parameters()).dtype
-    confusion = torch.zeros(len(VE_LABELS), len(VE_LABELS), dtype=torch.long)
-    counts = torch.zeros(2, dtype=torch.long)  # images, bad samples
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    counts = torch.zeros(2, dtype=torch.long)  # images (samples), bad samples
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
         for batch in loader:
-            if "labels" not in batch:
-                raise ValueError(f"{data}: samples carry no `labels`; is it an `albef prep snli_ve` folder?")
+            check_batch(batch)
             pairs = [(i, c, lab) for i, (caps, labs) in enumerate(zip(batch["captions"], batch["labels"])) for c, lab in zip(caps, labs) if c]  # fmt: skip
             images = batch["image"].to(device, dtype=dtype, non_blocking=True)
             for s in range(0, len(pairs), cfg.pairs_per_batch):
                 chunk = pairs[s : s + cfg.pairs_per_batch]
                 ids, mask = tokenize(tokenizer, [c for _, c, _ in chunk], cfg.max_tokens)
                 index = torch.tensor([i for i, _, _ in chunk], device=device)
-                pred = ve_logits(model, images, index, ids.to(device), mask.to(device)).argmax(1).cpu()
-                target = label_ids([lab for _, _, lab in chunk])
+                pred = logits_fn(model, images, index, ids.to(device), mask.to(device)).argmax(1).cpu()
+                target = label_ids_fn([lab for _, _, lab in chunk])
                 confusion.index_put_((target, pred), torch.ones_like(target), accumulate=True)
             counts += torch.tensor([len(batch["captions"]), sum(batch.get("bad_samples", {}).values())])
     finally:
         model.train(was_training)
     confusion, counts = all_reduce_sum(confusion.to(device)).cpu(), all_reduce_sum(counts.to(device)).cpu()
-    return ve_report(confusion, int(counts[0]), int(counts[1]), time.perf_counter() - t0)
+    return confusion, int(counts[0]), int(counts[1]), time.perf_counter() - t0
 
 
 def weights_summary(report: Any) -> dict[str, Any]:
