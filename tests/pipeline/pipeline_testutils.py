@@ -185,8 +185,8 @@ def tb_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m pipeline.cli ARGS` as one process outside any launcher; output captured as text."""
+def _cli_env() -> dict[str, str]:
+    """One plain process outside any launcher, the checkout's code first."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -194,14 +194,46 @@ def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProces
     }
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    return env
+
+
+def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m pipeline.cli ARGS` as one process outside any launcher; output captured as text."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
-        env=env,
+        env=_cli_env(),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli_logged(args: list[str], log: Path, timeout: float = 900) -> None:
+    """`python -m pipeline.cli ARGS` with its output in `log`; fails the test (log tail shown) unless it exits 0."""
+    with open(log, "w") as fh:
+        code = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env=_cli_env(),
+            cwd=REPO_ROOT,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        ).returncode
+    assert code == 0, log.read_text()[-4000:]
+
+
+def tiny_pretrain_checkpoint(path: Path) -> Path:
+    """An exported-style pretraining checkpoint of the tiny ALBEF (random init, seed 0): what the task
+    fine-tuning tests start from."""
+    import torch
+
+    from model import ALBEFConfig, build_albef
+
+    torch.manual_seed(0)
+    cfg = ALBEFConfig.tiny(image_size=64, embed_dim=32, queue_size=64)
+    torch.save({"model": build_albef(cfg).state_dict(), "model_config": cfg.to_dict()}, path)
+    return path
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, *names: str) -> str:

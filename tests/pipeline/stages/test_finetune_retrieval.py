@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from model.retrieval import build_retrieval
-from pipeline.config import REPO_ROOT, ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.stages.finetune_retrieval import RetrievalConfig, RetrievalTask, finetune_retrieval
 
-from pipeline_testutils import make_synthetic_splits
+from pipeline_testutils import make_synthetic_splits, run_cli_logged
 
 
 @pytest.mark.parametrize(("name", "epochs", "k_test"), [("retrieval_coco", 5, 256), ("retrieval_flickr", 10, 128)])
@@ -64,22 +61,6 @@ def test_epoch_is_one_pass_over_the_captions(tmp_path: Path) -> None:
     assert RetrievalTask(cfg, "unused").samples_per_epoch() == 100
 
 
-def _run(args: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
-    with open(log, "w") as fh:
-        code = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *args],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            timeout=900,
-        ).returncode
-    assert code == 0, log.read_text()[-4000:]
-
-
 @pytest.mark.slow
 def test_end_to_end_pretrain_finetune_evaluate(tmp_path: Path) -> None:
     """Tiny pretrain (40 steps) -> fine-tune (840 steps, 4 validations) -> evaluate `best` on held-out test.
@@ -88,7 +69,7 @@ def test_end_to_end_pretrain_finetune_evaluate(tmp_path: Path) -> None:
     """
     data = make_synthetic_splits(tmp_path / "data", n_train=256, n_val=32, n_test=64, image_size=64)
     pre, ft = tmp_path / "pre", tmp_path / "ft"
-    _run(
+    run_cli_logged(
         [
             "pretrain",
             "--config",
@@ -103,7 +84,7 @@ def test_end_to_end_pretrain_finetune_evaluate(tmp_path: Path) -> None:
         ],
         tmp_path / "pre.log",
     )
-    _run(
+    run_cli_logged(
         [
             "finetune",
             "retrieval",
@@ -129,7 +110,7 @@ def test_end_to_end_pretrain_finetune_evaluate(tmp_path: Path) -> None:
     val = [e.value for e in acc.Scalars("val/r_mean")]
     assert len(val) == 4 and {"train/loss_itc", "train/loss_itm", "val/itm_itc/img_r1"} <= set(acc.Tags()["scalars"])
 
-    _run(
+    run_cli_logged(
         [
             "evaluate",
             "retrieval",
@@ -146,7 +127,7 @@ def test_end_to_end_pretrain_finetune_evaluate(tmp_path: Path) -> None:
         ],
         tmp_path / "eval.log",
     )
-    _run(
+    run_cli_logged(
         [
             "evaluate",
             "retrieval",

@@ -6,9 +6,6 @@ the stages' config errors."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,39 +13,17 @@ import torch
 
 from data_prep.synthetic import SyntheticImage
 from data_prep.synthetic_nlvr import SyntheticNLVR, write_synthetic_nlvr
-from model.albef import build_albef
 from model.config import ALBEFConfig
 from model.heads.nlvr import build_nlvr
 from model.heads.ve import ClassifierConfig
-from pipeline.config import REPO_ROOT
 from pipeline.runtime.io import read_checkpoint
 from pipeline.stages.evaluate_nlvr import evaluate_nlvr
 from pipeline.stages.finetune_nlvr import finetune_nlvr
 from pipeline.stages.pretrain import pretrain
 
-from pipeline_testutils import tb_scalars, write_nlvr_split, write_split
+from pipeline_testutils import run_cli_logged, tb_scalars, tiny_pretrain_checkpoint, write_nlvr_split, write_split
 
 TA_TINY = "nlvr_ta_tiny_cpu"
-
-
-def _run(args: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
-    with open(log, "w") as fh:
-        code = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
-            timeout=900,
-        ).returncode  # fmt: skip
-    assert code == 0, log.read_text()[-4000:]
-
-
-def _initial_checkpoint(path: Path) -> Path:
-    """An exported-style pretraining checkpoint of the tiny ALBEF (random init)."""
-    torch.manual_seed(0)
-    cfg = ALBEFConfig.tiny(image_size=64, embed_dim=32, queue_size=64)
-    torch.save({"model": build_albef(cfg).state_dict(), "model_config": cfg.to_dict()}, path)
-    return path
 
 
 def _caption_shards(synth: SyntheticNLVR, split: str, out: Path) -> Path:
@@ -60,7 +35,7 @@ def _caption_shards(synth: SyntheticNLVR, split: str, out: Path) -> Path:
 
 
 def test_config_and_input_errors_exit_2(tmp_path: Path, capfd) -> None:
-    ckpt = _initial_checkpoint(tmp_path / "init.pth")
+    ckpt = tiny_pretrain_checkpoint(tmp_path / "init.pth")
     run = str(tmp_path / "run")
     code = finetune_nlvr("nlvr_tiny_cpu", str(ckpt), run, overrides={"data.train": f"[{tmp_path}/no]"})
     assert code == 2 and "data.train[0]" in capfd.readouterr().err
@@ -105,8 +80,8 @@ def ta_run(tmp_path_factory: pytest.TempPathFactory, nlvr_data: SyntheticNLVR) -
     on image-text shards of the training pictures (their single-image colour captions)."""
     root = tmp_path_factory.mktemp("nlvr_ta")
     shards = _caption_shards(nlvr_data, "train", root / "captions")
-    _run(
-        ["pretrain", "--config", TA_TINY, "--checkpoint", str(_initial_checkpoint(root / "init.pth")),
+    run_cli_logged(
+        ["pretrain", "--config", TA_TINY, "--checkpoint", str(tiny_pretrain_checkpoint(root / "init.pth")),
          "--output_dir", str(root / "run"), f"--data.train=[{shards}]", "--model.image_res=32",
          "--logging.progress_bar=off"],
         root / "ta.log",
@@ -132,10 +107,10 @@ def test_text_assignment_resumes_exactly(tmp_path: Path, nlvr_data: SyntheticNLV
     """`--resume auto` continues a TA run from its latest checkpoint; the partner draws and the loss of
     the resumed steps are those of an uninterrupted run."""
     shards = _caption_shards(nlvr_data, "train", tmp_path / "captions")
-    init = _initial_checkpoint(tmp_path / "init.pth")
+    init = tiny_pretrain_checkpoint(tmp_path / "init.pth")
 
     def run(out: Path, steps: int, log: str) -> list[tuple[int, float]]:
-        _run(
+        run_cli_logged(
             ["pretrain", "--config", TA_TINY, "--checkpoint", str(init), "--output_dir", str(out),
              f"--data.train=[{shards}]", "--model.image_res=32", "--train.batch_size=8", f"--train.max_steps={steps}",
              "--train.save_every_steps=2", "--logging.log_every_steps=1", "--resume=auto",
@@ -160,7 +135,7 @@ def test_prep_text_assignment_finetune_evaluate_beats_chance(
     prep = {}
     for split in ("train", "heldout"):
         prep[split] = tmp_path / f"nlvr2_{split}"
-        _run(
+        run_cli_logged(
             ["prep", "nlvr2", "--input", str(synth.jsonl[split]), "--image_root", str(synth.image_root),
              "--output", str(prep[split]), "--image_size=32", "--processes=1", "--threads=4",
              "--samples_per_shard=256"],
@@ -169,7 +144,7 @@ def test_prep_text_assignment_finetune_evaluate_beats_chance(
         manifest = json.loads((prep[split] / "manifest.json").read_text())
         assert manifest["num_samples"] == synth.records[split] and manifest["complete"]
     run = tmp_path / "ft"
-    _run(
+    run_cli_logged(
         ["finetune", "nlvr", "--config", "nlvr_tiny_cpu", "--checkpoint", str(ta_run), "--output_dir", str(run),
          f"--data.train=[{prep['train']}]", f"--data.val={prep['heldout']}", "--train.epochs=4",
          "--model.image_res=32", "--logging.progress_bar=off"],
@@ -180,7 +155,7 @@ def test_prep_text_assignment_finetune_evaluate_beats_chance(
     losses, val = [v for _, v in scalars["train/loss_cls"]], scalars["val/accuracy"]
     assert len(losses) >= 14 and len(val) == 4  # 600 sentences / 16 = 37 steps per epoch, logged every 10
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.03, losses  # measured 0.652 -> 0.608
-    _run(
+    run_cli_logged(
         ["evaluate", "nlvr", "--checkpoint", str(run), "--data", str(prep["heldout"]), "--output_dir", str(run),
          "--num_workers=0", "--device=cpu"],
         tmp_path / "eval.log",

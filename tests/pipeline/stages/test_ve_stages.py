@@ -4,46 +4,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from data_prep.synthetic_ve import write_synthetic_ve
-from model.albef import build_albef
-from model.config import ALBEFConfig
-from pipeline.config import REPO_ROOT
 from pipeline.stages.evaluate_ve import evaluate_ve
 from pipeline.stages.finetune_ve import finetune_ve
 
-from pipeline_testutils import tb_scalars
-
-
-def _run(args: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
-    with open(log, "w") as fh:
-        code = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
-            timeout=900,
-        ).returncode  # fmt: skip
-    assert code == 0, log.read_text()[-4000:]
-
-
-def _initial_checkpoint(path: Path) -> Path:
-    """An exported-style pretraining checkpoint of the tiny ALBEF (random init: VE learns from scratch)."""
-    torch.manual_seed(0)
-    cfg = ALBEFConfig.tiny(image_size=64, embed_dim=32, queue_size=64)
-    torch.save({"model": build_albef(cfg).state_dict(), "model_config": cfg.to_dict()}, path)
-    return path
+from pipeline_testutils import run_cli_logged, tb_scalars, tiny_pretrain_checkpoint
 
 
 def test_config_and_input_errors_exit_2(tmp_path: Path, capfd) -> None:
-    ckpt = _initial_checkpoint(tmp_path / "init.pth")
+    ckpt = tiny_pretrain_checkpoint(tmp_path / "init.pth")
     code = finetune_ve("ve_tiny_cpu", str(ckpt), str(tmp_path / "run"), overrides={"data.train": f"[{tmp_path}/no]"})
     assert code == 2 and not (tmp_path / "run").exists()
     assert "data.train[0]" in capfd.readouterr().err
@@ -60,7 +33,7 @@ def test_prep_finetune_evaluate_beats_chance(tmp_path: Path) -> None:
     prep = {}
     for split in ("train", "heldout"):
         prep[split] = tmp_path / f"snli_ve_{split}"
-        _run(
+        run_cli_logged(
             ["prep", "snli_ve", "--input", str(synth.jsonl[split]), "--image_root", str(synth.image_root),
              "--output", str(prep[split]), "--image_size=64", "--processes=1", "--threads=4",
              "--samples_per_shard=64"],
@@ -69,8 +42,8 @@ def test_prep_finetune_evaluate_beats_chance(tmp_path: Path) -> None:
         manifest = json.loads((prep[split] / "manifest.json").read_text())
         assert manifest["num_captions"] == synth.pairs[split] and manifest["complete"]
     run = tmp_path / "ft"
-    _run(
-        ["finetune", "ve", "--config", "ve_tiny_cpu", "--checkpoint", str(_initial_checkpoint(tmp_path / "init.pth")),
+    run_cli_logged(
+        ["finetune", "ve", "--config", "ve_tiny_cpu", "--checkpoint", str(tiny_pretrain_checkpoint(tmp_path / "init.pth")),
          "--output_dir", str(run), f"--data.train=[{prep['train']}]", f"--data.val={prep['heldout']}",
          "--train.epochs=4", "--logging.progress_bar=off"],
         tmp_path / "ft.log",
@@ -79,7 +52,7 @@ def test_prep_finetune_evaluate_beats_chance(tmp_path: Path) -> None:
     losses, val = [v for _, v in scalars["train/loss_cls"]], scalars["val/accuracy"]
     assert len(losses) >= 20 and len(val) == 4  # 1200 pairs / 16 = 75 steps per epoch, logged every 10
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses  # tiny fine-tuning lowers the loss
-    _run(
+    run_cli_logged(
         ["evaluate", "ve", "--checkpoint", str(run), "--data", str(prep["heldout"]), "--output_dir", str(run),
          "--num_workers=0", "--device=cpu"],
         tmp_path / "eval.log",

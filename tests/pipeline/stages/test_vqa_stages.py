@@ -5,46 +5,20 @@ the official result JSON), plus the stages' config errors."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from data_prep.synthetic_vqa import write_synthetic_vqa
-from model.albef import build_albef
-from model.config import ALBEFConfig
-from pipeline.config import REPO_ROOT
 from pipeline.stages.evaluate_vqa import evaluate_vqa
 from pipeline.stages.finetune_vqa import finetune_vqa
 
-from pipeline_testutils import tb_scalars
-
-
-def _run(args: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
-    with open(log, "w") as fh:
-        code = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
-            timeout=900,
-        ).returncode  # fmt: skip
-    assert code == 0, log.read_text()[-4000:]
-
-
-def _initial_checkpoint(path: Path) -> Path:
-    """An exported-style pretraining checkpoint of the tiny ALBEF (random init: VQA learns from scratch)."""
-    torch.manual_seed(0)
-    cfg = ALBEFConfig.tiny(image_size=64, embed_dim=32, queue_size=64)
-    torch.save({"model": build_albef(cfg).state_dict(), "model_config": cfg.to_dict()}, path)
-    return path
+from pipeline_testutils import run_cli_logged, tb_scalars, tiny_pretrain_checkpoint
 
 
 def test_config_and_input_errors_exit_2(tmp_path: Path, capfd) -> None:
-    ckpt = _initial_checkpoint(tmp_path / "init.pth")
+    ckpt = tiny_pretrain_checkpoint(tmp_path / "init.pth")
     run = str(tmp_path / "run")
     code = finetune_vqa("vqa_tiny_cpu", str(ckpt), run, overrides={"data.train": f"[{tmp_path}/no]"})
     assert code == 2 and not (tmp_path / "run").exists()
@@ -82,7 +56,7 @@ def test_prep_finetune_evaluate_beats_the_majority_answer(tmp_path: Path) -> Non
     for split in ("train", "heldout", "test"):
         prep[split] = tmp_path / f"vqa_{split}"
         answers = ["--annotations", str(synth.annotations[split])] if split in synth.annotations else []
-        _run(
+        run_cli_logged(
             ["prep", "vqa", "--input", str(synth.questions[split]), *answers, "--image_root", str(synth.image_root),
              "--output", str(prep[split]), "--image_size=64", "--processes=1", "--threads=4",
              "--samples_per_shard=100"],
@@ -93,8 +67,8 @@ def test_prep_finetune_evaluate_beats_the_majority_answer(tmp_path: Path) -> Non
     answer_list = prep["train"] / "answer_list.json"
     assert not (prep["test"] / "answer_list.json").exists()  # a split without answers builds no list
     run = tmp_path / "ft"
-    _run(
-        ["finetune", "vqa", "--config", "vqa_tiny_cpu", "--checkpoint", str(_initial_checkpoint(tmp_path / "init.pth")),
+    run_cli_logged(
+        ["finetune", "vqa", "--config", "vqa_tiny_cpu", "--checkpoint", str(tiny_pretrain_checkpoint(tmp_path / "init.pth")),
          "--output_dir", str(run), f"--data.train=[{prep['train']}]", f"--data.val={prep['heldout']}",
          "--train.epochs=3", "--logging.progress_bar=off"],
         tmp_path / "ft.log",
@@ -103,7 +77,7 @@ def test_prep_finetune_evaluate_beats_the_majority_answer(tmp_path: Path) -> Non
     losses, val = [v for _, v in scalars["train/loss_vqa"]], scalars["val/accuracy"]
     assert len(losses) >= 20 and len(val) == 3  # 1200 questions / 16 = 75 steps per epoch, logged every 10
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses  # tiny fine-tuning lowers the answer loss
-    _run(
+    run_cli_logged(
         ["evaluate", "vqa", "--checkpoint", str(run), "--data", str(prep["heldout"]), "--output_dir", str(run),
          f"--answer_list={answer_list}", "--num_workers=0", "--device=cpu"],
         tmp_path / "eval.log",
@@ -118,7 +92,7 @@ def test_prep_finetune_evaluate_beats_the_majority_answer(tmp_path: Path) -> Non
     written = tb_scalars(run / "tensorboard")["eval/vqa_vqa_all/accuracy/all"]
     assert written == [(225, pytest.approx(report["accuracy"]))]
     # The test split (no answers): the result file for the server, no accuracy.
-    _run(
+    run_cli_logged(
         ["evaluate", "vqa", "--checkpoint", str(run), "--data", str(prep["test"]), "--output_dir", str(run),
          f"--answer_list={answer_list}", "--num_workers=0", "--device=cpu", "--dataset=vqa_test"],
         tmp_path / "eval_test.log",
