@@ -132,7 +132,9 @@ def write_synthetic_grounding(
             images.append({"id": image_id, "file_name": name, "width": width, "height": height})
             dets[str(image_id)] = [box for _, _, box in shapes]
             if split == "train":
-                scenes.append({"url": f"train2014/{name}", "caption": _scene_captions(scene_rng, shapes, SCENE_CAPTIONS)})
+                scenes.append(
+                    {"url": f"train2014/{name}", "caption": _scene_captions(scene_rng, shapes, SCENE_CAPTIONS)}
+                )
             for color, shape, box in shapes:
                 ann_id += 1
                 ref_id += 1
