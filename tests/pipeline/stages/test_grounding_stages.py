@@ -37,7 +37,7 @@ from pipeline_testutils import tb_scalars
 N_TRAIN, N_TEST = 1000, 40  # train images (3 expressions, 3 scene captions each); held-out testA + testB images
 PRETRAIN_STEPS = 500  # pretrain_tiny_cpu on the scene captions
 FINETUNE_STEPS = 500  # grounding_tiny_cpu's train.max_steps, stated so the test does not drift with it
-MIN_ACCURACY = 45.0  # held-out itc-mode accuracy, all 120 expressions (chance 33.3; 3 seeds: 59-81)
+MIN_ACCURACY = 43.0  # held-out itc-mode accuracy, 120 expressions (chance 33.3; 3 seeds 59-81, seed 0 reruns 53-59)
 MAX_ITM_LOSS = 0.625  # last logged ITM loss; 0.637 = predicting the 1:2 label prior (3 seeds: 0.57-0.60)
 MIN_ITM_FALL = 0.03  # first -> last logged ITM loss of the fine-tuning (3 seeds: 0.07-0.12)
 
