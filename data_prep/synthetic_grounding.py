@@ -14,6 +14,9 @@ Written layout (root = `out_dir`), as the official ALBEF grounding release + the
     refs(unc).p             REFER refs (pickle): ref_id, ann_id, image_id, split, sentences, file_name
     instances.json          COCO-style images (width, height, file_name) and annotations (bbox)
     dets.json               {image_id: [[x, y, w, h], ...]} the proposals of every image
+    scene_train.json        [{"url", "caption": [..]}] whole-scene captions of the train images ("a red
+                            circle, a blue cross and a green square", shapes in shuffled orders): a tiny
+                            pretraining corpus (`albef prep generic --image_root root/images`)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from data_prep.synthetic import COLORS, SHAPES
 TEMPLATES = ("the {color} {shape}", "{color} {shape}", "a {color} {shape}", "the {shape} that is {color}")
 CELL = 32  # px per grid cell of the original image (before img2dataset's resize)
 GRIDS = ((3, 2), (2, 3))  # (columns, rows): landscape and portrait images
+SCENE_CAPTIONS = 3  # whole-scene captions per train image (scene_train.json)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,16 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: list[float], fill: tuple[i
         draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
     else:  # diamond
         draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+
+
+def _scene_captions(rng: random.Random, shapes: list[tuple[str, str, list[float]]], n: int) -> list[str]:
+    """`n` captions naming every shape of the scene ("a red circle, a blue cross and a green square"),
+    each in a random order."""
+    out = []
+    for _ in range(n):
+        parts = [f"a {color} {shape}" for color, shape, _ in rng.sample(shapes, len(shapes))]
+        out.append(parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
+    return out
 
 
 def _scene(rng: random.Random, k: int, scale: float) -> tuple[int, int, list[tuple[str, str, list[float]]]]:
@@ -99,6 +113,8 @@ def write_synthetic_grounding(
     rng = random.Random(seed)
     images, annotations, refs, dets = [], [], [], {}
     albef: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    scenes: list[dict] = []
+    scene_rng = random.Random(f"scenes-{seed}")  # its own stream: the images and refs do not depend on it
     boxes: dict[int, list[float]] = {}
     counts: dict[str, int] = {}
     image_id, ann_id, ref_id, sent_id = 100, 1000, 0, 0
@@ -115,6 +131,10 @@ def write_synthetic_grounding(
             image.save(image_dir / name, quality=95)
             images.append({"id": image_id, "file_name": name, "width": width, "height": height})
             dets[str(image_id)] = [box for _, _, box in shapes]
+            if split == "train":
+                scenes.append(
+                    {"url": f"train2014/{name}", "caption": _scene_captions(scene_rng, shapes, SCENE_CAPTIONS)}
+                )
             for color, shape, box in shapes:
                 ann_id += 1
                 ref_id += 1
@@ -138,6 +158,7 @@ def write_synthetic_grounding(
         "refs": root / "refs(unc).p",
         "instances": root / "instances.json",
         "dets": root / "dets.json",
+        "scene_json": root / "scene_train.json",
     }
     for group in ("train", "val", "test"):
         files[f"{group}_json"].write_text(json.dumps(albef[group]))
@@ -145,4 +166,5 @@ def write_synthetic_grounding(
     categories = [{"id": 1, "name": "shape", "supercategory": "shape"}]
     files["instances"].write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     files["dets"].write_text(json.dumps(dets))
+    files["scene_json"].write_text(json.dumps(scenes))
     return SyntheticGrounding(root, root / "images", files, counts, boxes)

@@ -1,12 +1,16 @@
 """Grounding stages end to end on the CPU: `albef prep refcoco+` (real img2dataset, images served on
-127.0.0.1) -> `albef finetune grounding` -> `albef evaluate grounding --write_maps` on held-out
+127.0.0.1) -> `albef pretrain` (tiny, on whole-scene captions of the same train images) -> `albef
+finetune grounding` (on the expressions) -> `albef evaluate grounding --write_maps` on held-out
 generated data, plus the stages' config errors.
 
-What the slow test asserts, and why not more: a tiny ALBEF trained from scratch for ~150 steps on the
-CPU lowers its retrieval loss but does not learn image-text alignment well enough for its Grad-CAM to
-point at the named shape (measured: accuracy at the random-proposal rate, 1/3, see README). The
-Grad-CAM, ranking and accuracy arithmetic is proven against the official code instead
-(tests/pipeline/tasks/test_grounding.py, tests/model/heads/test_grounding_parity.py).
+The slow test asserts that the fine-tuning lowers its ITM loss below the 0.637 of the label prior and
+that the Grad-CAM picks the named shape well above the random-proposal rate (1/3) on images never seen
+in training, in itc mode (the official `--gradcam_mode itc`: the ViT's attention, for the image-text
+similarity). itc, not the paper's itm: the tiny ITM learns to match the expressions, but the Grad-CAM of
+its cross-attention stayed near chance in the pipeline runs. Why a pretraining first: from random
+weights the expressions alone (one shape named out of three) leave ITC and ITM on their plateau for
+500+ steps; whole-scene captions take ITC off it. The measurements behind the bounds (3 seeds) are in
+the README ("RefCOCO+ weakly supervised grounding") and pipeline/configs/grounding_tiny_cpu.yaml.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ from pipeline.stages.evaluate_grounding import evaluate_grounding
 from pipeline.stages.finetune_grounding import finetune_grounding
 
 from pipeline_testutils import tb_scalars
+
+N_TRAIN, N_TEST = 1000, 40  # train images (3 expressions, 3 scene captions each); held-out testA + testB images
+PRETRAIN_STEPS = 500  # pretrain_tiny_cpu on the scene captions
+FINETUNE_STEPS = 500  # grounding_tiny_cpu's train.max_steps, stated so the test does not drift with it
+MIN_ACCURACY = 43.0  # held-out itc-mode accuracy, 120 expressions (chance 33.3; 3 seeds 59-81, seed 0 reruns 53-59)
+MAX_ITM_LOSS = 0.625  # last logged ITM loss; 0.637 = predicting the 1:2 label prior (3 seeds: 0.57-0.60)
+MIN_ITM_FALL = 0.03  # first -> last logged ITM loss of the fine-tuning (3 seeds: 0.07-0.12)
 
 
 def _run(args: list[str], log: Path) -> None:
@@ -75,9 +86,11 @@ def test_config_and_input_errors_exit_2(tmp_path: Path, capfd) -> None:
 
 
 @pytest.mark.slow
-def test_prep_finetune_evaluate_writes_maps(tmp_path: Path) -> None:
-    synth = write_synthetic_grounding(tmp_path / "raw", splits={"train": 200, "testA": 12, "testB": 12})
-    common = ["--image_size=64", "--processes=1", "--threads=4", "--samples_per_shard=128"]
+def test_pretrain_finetune_evaluate_beats_chance(tmp_path: Path) -> None:
+    synth = write_synthetic_grounding(
+        tmp_path / "raw", splits={"train": N_TRAIN, "testA": N_TEST // 2, "testB": N_TEST // 2}
+    )
+    common = ["--image_size=64", "--processes=1", "--threads=4", "--samples_per_shard=256"]
     evaluation = ["--refs", str(synth.files["refs"]), "--instances", str(synth.files["instances"]),
                   "--dets", str(synth.files["dets"])]  # fmt: skip
     with FolderServer(synth.image_root) as server:
@@ -85,30 +98,40 @@ def test_prep_finetune_evaluate_writes_maps(tmp_path: Path) -> None:
             _run(["prep", "refcoco+", "--input", str(synth.files[f"{split}_json"]), "--split", split,
                   "--image_root", server.base_url, "--output", str(tmp_path / split), *common, *extra],
                  tmp_path / f"prep_{split}.log")  # fmt: skip
+    # The pretraining corpus: whole-scene captions of the same train images (never the test images).
+    _run(["prep", "generic", "--input", str(synth.files["scene_json"]), "--image_root", str(synth.image_root),
+          "--output", str(tmp_path / "scene"), *common], tmp_path / "prep_scene.log")  # fmt: skip
+    pretrained = tmp_path / "pt"
+    _run(["pretrain", "--config", "pretrain_tiny_cpu", "--output_dir", str(pretrained),
+          f"--data.train=[{tmp_path / 'scene'}]", f"--train.max_steps={PRETRAIN_STEPS}", "--logging.progress_bar=off"],
+         tmp_path / "pt.log")  # fmt: skip
     run = tmp_path / "ft"
-    # data.val = the held-out test folder (one prep less; the test only needs validation to run).
+    # data.val = the held-out test folder (one prep less; validation only has to run and keep `best`).
     _run(
-        ["finetune", "grounding", "--config", "grounding_tiny_cpu", "--checkpoint",
-         str(_initial_checkpoint(tmp_path / "init.pth")), "--output_dir", str(run),
-         f"--data.train=[{tmp_path / 'train'}]", f"--data.val={tmp_path / 'test'}", "--train.epochs=4",
+        ["finetune", "grounding", "--config", "grounding_tiny_cpu", "--checkpoint", str(pretrained),
+         "--output_dir", str(run), f"--data.train=[{tmp_path / 'train'}]", f"--data.val={tmp_path / 'test'}",
          "--logging.progress_bar=off"],
         tmp_path / "ft.log",
     )  # fmt: skip
     scalars = tb_scalars(run / "tensorboard")
-    losses, val = [v for _, v in scalars["train/loss_total"]], scalars["val/accuracy"]
-    assert len(losses) >= 6 and len(val) == 4  # 600 pairs / 32 = 18 steps per epoch, logged every 10
-    assert min(losses[-3:]) < losses[0] - 0.2, losses  # the retrieval losses fall
+    itm, val = scalars["train/loss_itm"], scalars["val/accuracy"]
+    assert itm[-1][0] == FINETUNE_STEPS and len(val) == FINETUNE_STEPS // (3 * N_TRAIN // 32)  # one per epoch
+    assert itm[-1][1] < MAX_ITM_LOSS, itm  # ITM learns to match expressions (prior: 0.637)
+    assert itm[-1][1] < itm[0][1] - MIN_ITM_FALL, itm  # the fine-tuning lowers its loss
     _run(
         ["evaluate", "grounding", "--checkpoint", str(run), "--data", str(tmp_path / "test"), "--output_dir",
-         str(run), "--num_workers=0", "--device=cpu", "--write_maps=5"],
+         str(run), "--num_workers=0", "--device=cpu", "--mode=itc", "--write_maps=5"],
         tmp_path / "eval.log",
     )  # fmt: skip
     report = json.loads((run / "eval" / "grounding_refcoco__test.json").read_text())
-    assert report["num_refs"] == {"testA": 36, "testB": 36} and report["num_images"] == 24
+    n_refs = 3 * N_TEST // 2  # 3 expressions per image
+    assert report["num_refs"] == {"testA": n_refs, "testB": n_refs} and report["num_images"] == N_TEST
     assert report["chance"] == pytest.approx({"testA": 100 / 3, "testB": 100 / 3})  # 3 proposals, one right
     assert report["upper_bound"] == {"testA": 100.0, "testB": 100.0} and report["weights"]["missing"] == []
-    assert report["block"] == 3 and report["mode"] == "itm"  # the tiny model's 2nd of 2 fusion layers
-    assert set(report["accuracy"]) == {"testA", "testB"} and 0.0 <= report["accuracy_all"] <= 100.0
+    assert report["block"] == 1 and report["mode"] == "itc"  # the tiny ViT's 2nd of 2 blocks
+    assert report["checkpoint_step"] == FINETUNE_STEPS
+    print("\nheld-out grounding accuracy (itc):", report["accuracy"], "all", report["accuracy_all"], "chance 33.3")
+    assert report["accuracy_all"] > MIN_ACCURACY, report["accuracy"]  # chance: 33.3
     maps = sorted((run / "eval" / "grounding_refcoco__test_maps").glob("*.png"))
     assert len(maps) == 5 and all(p.stat().st_size > 0 for p in maps)
     written = tb_scalars(run / "tensorboard")["eval/grounding_refcoco__test/accuracy/testA"]
