@@ -16,23 +16,16 @@ the README ("RefCOCO+ weakly supervised grounding") and pipeline/configs/groundi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from data_prep.http_server import FolderServer
 from data_prep.synthetic_grounding import write_synthetic_grounding
-from model.albef import build_albef
-from model.config import ALBEFConfig
-from pipeline.config import REPO_ROOT
 from pipeline.stages.evaluate_grounding import evaluate_grounding
 from pipeline.stages.finetune_grounding import finetune_grounding
 
-from pipeline_testutils import tb_scalars
+from pipeline_testutils import run_cli_logged, tb_scalars, tiny_pretrain_checkpoint
 
 N_TRAIN, N_TEST = 1000, 40  # train images (3 expressions, 3 scene captions each); held-out testA + testB images
 PRETRAIN_STEPS = 500  # pretrain_tiny_cpu on the scene captions
@@ -42,28 +35,8 @@ MAX_ITM_LOSS = 0.625  # last logged ITM loss; 0.637 = predicting the 1:2 label p
 MIN_ITM_FALL = 0.03  # first -> last logged ITM loss of the fine-tuning (3 seeds: 0.07-0.12)
 
 
-def _run(args: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
-    with open(log, "w") as fh:
-        code = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
-            timeout=900,
-        ).returncode  # fmt: skip
-    assert code == 0, log.read_text()[-4000:]
-
-
-def _initial_checkpoint(path: Path) -> Path:
-    """An exported-style pretraining checkpoint of the tiny ALBEF (random init)."""
-    torch.manual_seed(0)
-    cfg = ALBEFConfig.tiny(image_size=64, embed_dim=32, queue_size=64)
-    torch.save({"model": build_albef(cfg).state_dict(), "model_config": cfg.to_dict()}, path)
-    return path
-
-
 def test_config_and_input_errors_exit_2(tmp_path: Path, capfd) -> None:
-    ckpt = _initial_checkpoint(tmp_path / "init.pth")
+    ckpt = tiny_pretrain_checkpoint(tmp_path / "init.pth")
     code = finetune_grounding("grounding_tiny_cpu", str(ckpt), str(tmp_path / "run"), overrides={"data.train": f"[{tmp_path}/no]"})  # fmt: skip
     assert code == 2 and not (tmp_path / "run").exists()
     assert "data.train[0]" in capfd.readouterr().err
@@ -95,19 +68,19 @@ def test_pretrain_finetune_evaluate_beats_chance(tmp_path: Path) -> None:
                   "--dets", str(synth.files["dets"])]  # fmt: skip
     with FolderServer(synth.image_root) as server:
         for split, extra in (("train", []), ("test", evaluation)):
-            _run(["prep", "refcoco+", "--input", str(synth.files[f"{split}_json"]), "--split", split,
+            run_cli_logged(["prep", "refcoco+", "--input", str(synth.files[f"{split}_json"]), "--split", split,
                   "--image_root", server.base_url, "--output", str(tmp_path / split), *common, *extra],
                  tmp_path / f"prep_{split}.log")  # fmt: skip
     # The pretraining corpus: whole-scene captions of the same train images (never the test images).
-    _run(["prep", "generic", "--input", str(synth.files["scene_json"]), "--image_root", str(synth.image_root),
+    run_cli_logged(["prep", "generic", "--input", str(synth.files["scene_json"]), "--image_root", str(synth.image_root),
           "--output", str(tmp_path / "scene"), *common], tmp_path / "prep_scene.log")  # fmt: skip
     pretrained = tmp_path / "pt"
-    _run(["pretrain", "--config", "pretrain_tiny_cpu", "--output_dir", str(pretrained),
+    run_cli_logged(["pretrain", "--config", "pretrain_tiny_cpu", "--output_dir", str(pretrained),
           f"--data.train=[{tmp_path / 'scene'}]", f"--train.max_steps={PRETRAIN_STEPS}", "--logging.progress_bar=off"],
          tmp_path / "pt.log")  # fmt: skip
     run = tmp_path / "ft"
     # data.val = the held-out test folder (one prep less; validation only has to run and keep `best`).
-    _run(
+    run_cli_logged(
         ["finetune", "grounding", "--config", "grounding_tiny_cpu", "--checkpoint", str(pretrained),
          "--output_dir", str(run), f"--data.train=[{tmp_path / 'train'}]", f"--data.val={tmp_path / 'test'}",
          "--logging.progress_bar=off"],
@@ -118,7 +91,7 @@ def test_pretrain_finetune_evaluate_beats_chance(tmp_path: Path) -> None:
     assert itm[-1][0] == FINETUNE_STEPS and len(val) == FINETUNE_STEPS // (3 * N_TRAIN // 32)  # one per epoch
     assert itm[-1][1] < MAX_ITM_LOSS, itm  # ITM learns to match expressions (prior: 0.637)
     assert itm[-1][1] < itm[0][1] - MIN_ITM_FALL, itm  # the fine-tuning lowers its loss
-    _run(
+    run_cli_logged(
         ["evaluate", "grounding", "--checkpoint", str(run), "--data", str(tmp_path / "test"), "--output_dir",
          str(run), "--num_workers=0", "--device=cpu", "--mode=itc", "--write_maps=5"],
         tmp_path / "eval.log",
