@@ -107,20 +107,9 @@ class NLVRTask(VETask):
         out = super().forward(engine, batch, ctx)
         return dataclasses.replace(out, num_samples=out.num_samples // 2)  # two images per sample
 
-    def validate(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
-        """Accuracy on `data.val` (collective): `accuracy` and `accuracy_<label>`."""
-        if self.cfg.data.val is None:
-            return {}
-        result = evaluate_nlvr_model(
-            model,  # type: ignore[arg-type]
-            self.cfg.data.val,
-            self.cfg.eval,
-            ctx.device,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            tokenizer=self.tokenizer,
-        )
-        return {"accuracy": result["accuracy"], **{f"accuracy_{k}": v for k, v in result["per_class"].items()}}
+    @staticmethod
+    def evaluate_model(model: Any, data: str, cfg: Any, device: torch.device, **kw: Any) -> dict[str, Any]:
+        return evaluate_nlvr_model(model, data, cfg, device, **kw)
 
     def export_extra(self) -> dict[str, Any]:
         return {**super().export_extra(), "task": "nlvr"}

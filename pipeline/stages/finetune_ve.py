@@ -110,6 +110,11 @@ class VETask(AlbefTask):
     finetune = True
     epoch_counts = "captions"  # one pass over the hypotheses (the loader draws one per image visit)
 
+    @staticmethod
+    def evaluate_model(model: Any, data: str, cfg: Any, device: torch.device, **kw: Any) -> dict[str, Any]:
+        """The split's accuracy report (pipeline/tasks/ve.py); NLVR2 swaps in its own."""
+        return evaluate_ve_model(model, data, cfg, device, **kw)
+
     def __init__(self, cfg: VEConfig, checkpoint: str) -> None:
         super().__init__(cfg)
         self.checkpoint = checkpoint
@@ -135,8 +140,8 @@ class VETask(AlbefTask):
         """Accuracy on `data.val` (collective): `accuracy` and `accuracy_<label>`."""
         if self.cfg.data.val is None:
             return {}
-        result = evaluate_ve_model(
-            model,  # type: ignore[arg-type]
+        result = self.evaluate_model(
+            model,
             self.cfg.data.val,
             self.cfg.eval,
             ctx.device,
