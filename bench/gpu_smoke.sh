@@ -14,7 +14,8 @@
 # The optimizer is torch's fused AdamW, chosen in the DeepSpeed JSON ("torch_adam": true, "fused": true):
 # nothing is compiled for it. DeepSpeed's own FusedAdam ("torch_adam": false) is JIT-compiled on first
 # use unless DeepSpeed was installed with DS_BUILD_FUSED_ADAM=1; the line "optimizer" below says which
-# one this machine would get. The first run may still JIT-compile DeepSpeed's shared-memory op
+# one this machine would get (on Hopper, DeepSpeed 0.19.8's JIT build of FusedAdam failed to parse the
+# arch "9.0a"; torch's fused AdamW needs no build). The first run may still JIT-compile DeepSpeed's shared-memory op
 # (cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); the per-run timeout leaves
 # room for that and for torch.compile.
 # Without a CUDA device (or without torch/deepspeed seeing one) it prints why and exits 0: the CPU
@@ -28,6 +29,7 @@ WARMUP=${WARMUP:-5}
 NPROC=${NPROC:-1}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}   # dense fp16/bf16 peak per GPU (H100/H200 SXM); only for the MFU estimate
 TIMEOUT_S=${TIMEOUT_S:-280}       # per run
+COMPILE_TIMEOUT_S=${COMPILE_TIMEOUT_S:-600}  # per torch.compile run: ALBEF-base took over 180 s to compile on an H200
 PRECISIONS=${PRECISIONS:-"fp16 bf16"}
 COMPILE=${COMPILE:-0}
 PYTHON=${PYTHON:-python}
@@ -50,10 +52,10 @@ print(f"optimizer       {chosen} (DeepSpeed FusedAdam op here: {built})")
 PY
 
 run() {  # run PRECISION COMPILE_FLAG
-    local precision=$1 compile=$2 extra=() out
-    [[ "${compile}" == 1 ]] && extra+=(--compile)
+    local precision=$1 compile=$2 extra=() out limit=${TIMEOUT_S}
+    [[ "${compile}" == 1 ]] && extra+=(--compile) && limit=${COMPILE_TIMEOUT_S}
     echo "== ${precision}$([[ "${compile}" == 1 ]] && echo ' + torch.compile'): batch ${BATCH}/GPU, ${WARMUP} warm-up + ${STEPS} timed steps"
-    out=$(timeout "${TIMEOUT_S}" "${PYTHON}" bench/pretrain.py --config pretrain_4m --ds "ds_configs/zero2_${precision}.json" \
+    out=$(timeout "${limit}" "${PYTHON}" bench/pretrain.py --config pretrain_4m --ds "ds_configs/zero2_${precision}.json" \
           --batch_size "${BATCH}" --image_res 256 --steps "${STEPS}" --warmup "${WARMUP}" --nproc "${NPROC}" \
           --peak_tflops "${PEAK_TFLOPS}" "${extra[@]}" | tail -n 1)
     echo "${out}"

@@ -164,7 +164,21 @@ def test_toy_task_hooks_validation_best_and_retention(tmp_path: Path) -> None:
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     proc = _toy(tmp_path / "run", "--max_steps=12", "--save_every=4", "--nan_at=6")
     assert proc.returncode == 1
-    assert "non-finite loss at step 6" in proc.stderr and "last good checkpoint is global_step4" in proc.stderr
+    assert (
+        "non-finite loss or gradient at step 6" in proc.stderr and "last good checkpoint is global_step4" in proc.stderr
+    )
     ckpt = tmp_path / "run" / "checkpoints"
     assert checkpoint.read_latest(ckpt) == "global_step4" and [s for s, _ in checkpoint.step_tags(ckpt)] == [4]
     assert torch.isfinite(model_states(ckpt, "global_step4")["module"]["net.0.weight"]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds", ["ds_configs/cpu.json", "ds_configs/cpu_ds_bf16.json"])
+def test_nan_gradient_under_a_finite_loss_stops_too(tmp_path: Path, ds: str) -> None:
+    """fp32 engines never scan gradients, and our bf16 configs turn DeepSpeed's scan off
+    (check_grad_overflow: false): the trainer's grad-norm check must catch what the loss does not."""
+    proc = _toy(tmp_path / "run", "--max_steps=12", "--save_every=4", "--nan_grad_at=6", f"--ds={ds}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "non-finite loss or gradient at step 6" in proc.stderr
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert checkpoint.read_latest(ckpt) == "global_step4" and [s for s, _ in checkpoint.step_tags(ckpt)] == [4]

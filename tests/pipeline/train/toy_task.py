@@ -22,6 +22,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--nan_at", type=int, default=-1)
+    parser.add_argument("--nan_grad_at", type=int, default=-1, help="a finite loss whose gradient is NaN")
+    parser.add_argument("--ds", default="ds_configs/cpu.json")
     parser.add_argument("--max_steps", type=int, default=12)
     parser.add_argument("--save_every", type=int, default=4)
     parser.add_argument("--grad_accum", type=int, default=2)
@@ -66,6 +68,9 @@ def main(argv: list[str]) -> int:
             loss = ((engine(batch["x"]) - batch["y"]) ** 2).mean()
             if ctx.step == args.nan_at:
                 loss = loss * float("nan")
+            if ctx.step == args.nan_grad_at:  # sqrt'(0) = inf: the loss stays finite, d(loss)/d(scale) = NaN
+                scale = engine.module.scale
+                loss = loss + 0.0 * torch.sqrt(scale - scale.detach())
             return StepOutput(
                 loss=loss, scalars={"loss_mse": loss}, num_samples=4, queue_update={"count": torch.ones(1)}
             )
@@ -89,7 +94,7 @@ def main(argv: list[str]) -> int:
     sections = TrainingStageConfig(  # only train/optim/deepspeed/logging are read: the task brings the rest
         train=train,
         optim=optim,
-        deepspeed=DeepSpeedSection(config="ds_configs/cpu.json"),
+        deepspeed=DeepSpeedSection(config=args.ds),
         logging=LoggingConfig(log_every_steps=1, progress_bar="off"),
     )
     return run_training(sections, args.run_dir, "auto", make_task=lambda info: ToyTask())
