@@ -18,8 +18,10 @@ fetch)
     mkdir -p .whl
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-        deepspeed==0.19.8 pydantic==2.13.4 pydantic_core==2.46.4 annotated-types typing-inspection hjson==3.1.0 \
+        pydantic==2.13.4 pydantic_core==2.46.4 annotated-types typing-inspection hjson==3.1.0 \
         webdataset==0.2.111 braceexpand==0.1.7 fire==0.7.1 termcolor==3.3.0 timm==1.0.31 transformers==5.24.0
+    # DeepSpeed ships no binary wheel: a pure-Python one built here (its ops JIT-compile there, if used)
+    python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
     python3 -c "from pipeline.data.text import bundled_vocab_path as p; import shutil; shutil.copy(p(), '.whl/vocab.txt')"
     du -sh .whl
     ;;
