@@ -2,8 +2,8 @@
 # Everything one short GPU lease needs, in one command (the lent machine has torch but none of
 # deepspeed/webdataset/fire/pydantic/hjson, and no internet).
 #
-#   bash bench/gpu_lease.sh fetch        # HERE: wheels for the lent machine's Python 3.12 into .whl/,
-#                                        #       the BERT vocab into .whl/vocab.txt (add /.whl/ to .git/info/exclude)
+#   bash bench/gpu_lease.sh fetch        # HERE: wheels for the lent machine's Python 3.12 into .whl/ (git-ignored),
+#                                        #       the BERT vocab into .whl/vocab.txt
 #   bash bench/gpu_lease.sh run          # THERE (carry .whl): install them under /tmp/site, then
 #                                        #       gpu_smoke fp16 + bf16, bf16 + torch.compile, bf16 batch 128
 #
