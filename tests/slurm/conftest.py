@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO_ROOT / "slurm" / "local_cluster.sh"
+# The chain tests reuse the pipeline tests' helpers (pipeline_testutils: tiny checkpoints, CLI runs). pytest
+# puts tests/pipeline on sys.path only when a test there is collected, so a run of tests/slurm alone adds it.
+if str(REPO_ROOT / "tests" / "pipeline") not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "pipeline"))
 
 
 @dataclass(frozen=True)

@@ -17,23 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from pipeline.slurm.submit import format_status, wait
 
+from pipeline_testutils import tiny_pretrain_checkpoint
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-def initial_checkpoint(path: Path) -> Path:
-    """A tiny ALBEF at random init as the fine-tuning's starting weights (no pretrain stage here)."""
-    from model.albef import build_albef
-    from model.config import ALBEFConfig
-
-    torch.manual_seed(0)
-    cfg = ALBEFConfig.tiny(image_size=64, embed_dim=32, queue_size=64)
-    torch.save({"model": build_albef(cfg).state_dict(), "model_config": cfg.to_dict()}, path)
-    return path
 
 
 def ve_chain_settings(tmp_path: Path) -> tuple[Path, int]:
@@ -67,7 +57,7 @@ def ve_chain_settings(tmp_path: Path) -> tuple[Path, int]:
         "finetune": {
             "task": "ve",
             "config": "ve_tiny_cpu.yaml",
-            "checkpoint": str(initial_checkpoint(tmp_path / "init.pth")),
+            "checkpoint": str(tiny_pretrain_checkpoint(tmp_path / "init.pth")),
             "resources": {"cpus_per_task": 1, "time": "00:20:00"},
             # 32 hypotheses an epoch at batch 16: 2 steps, validation (and `best`) at steps 2 and 4.
             "overrides": {"train.epochs": 2, "data.samples_per_epoch": 32, "logging.progress_bar": "off"},

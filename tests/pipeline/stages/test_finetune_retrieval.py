@@ -63,7 +63,7 @@ def test_epoch_is_one_pass_over_the_captions(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_end_to_end_pretrain_finetune_evaluate(tmp_path: Path) -> None:
-    """Tiny pretrain (40 steps) -> fine-tune (840 steps, 4 validations) -> evaluate `best` on held-out test.
+    """Tiny pretrain (40 steps) -> fine-tune (420 steps, 2 validations) -> evaluate `best` on held-out test.
 
     The test split's captions never occur in training and its scenes are unique (data_prep.synthetic).
     """
@@ -97,7 +97,7 @@ def test_end_to_end_pretrain_finetune_evaluate(tmp_path: Path) -> None:
             f"--data.train=[{data['train']}]",
             f"--data.val={data['val']}",
             "--data.samples_per_epoch=6720",
-            "--train.epochs=4",
+            "--train.epochs=2",
             "--logging.progress_bar=off",
         ],
         tmp_path / "ft.log",
@@ -108,7 +108,7 @@ def test_end_to_end_pretrain_finetune_evaluate(tmp_path: Path) -> None:
     acc = EventAccumulator(str(ft / "tensorboard"))
     acc.Reload()
     val = [e.value for e in acc.Scalars("val/r_mean")]
-    assert len(val) == 4 and {"train/loss_itc", "train/loss_itm", "val/itm_itc/img_r1"} <= set(acc.Tags()["scalars"])
+    assert len(val) == 2 and {"train/loss_itc", "train/loss_itm", "val/itm_itc/img_r1"} <= set(acc.Tags()["scalars"])
 
     run_cli_logged(
         [
@@ -159,6 +159,8 @@ def test_end_to_end_pretrain_finetune_evaluate(tmp_path: Path) -> None:
         [round(v, 1) for v in val],
     )
     assert tuned["checkpoint_step"] == 210 * (1 + val.index(max(val)))  # `best` = the epoch with max r_mean
+    # 2 epochs, measured over train.seed 0-2 (bench/task_test_epochs.py retrieval:0 retrieval:1 retrieval:2), worst
+    # of the 3 scores: r_mean 7.5-7.7 x chance, R@10 chance + 68-73; 4 epochs (7.8-8.6 x, + 77-80) asserted no more.
     for name in ("itc", "itm", "itm_itc"):
         m = tuned["metrics"][name]
         assert m["r_mean"] > 2.5 * chance["r_mean"], (name, m, chance)

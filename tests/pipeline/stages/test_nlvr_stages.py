@@ -154,7 +154,9 @@ def test_prep_text_assignment_finetune_evaluate_beats_chance(
     scalars = tb_scalars(run / "tensorboard")
     losses, val = [v for _, v in scalars["train/loss_cls"]], scalars["val/accuracy"]
     assert len(losses) >= 14 and len(val) == 4  # 600 sentences / 16 = 37 steps per epoch, logged every 10
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.03, losses  # measured 0.652 -> 0.608
+    # Measured 0.652 -> 0.608. The 4 epochs are needed here: over train.seed 0-2 the fall is 0.016-0.026 after 2
+    # epochs, 0.022-0.036 after 3, 0.043-0.045 after 4 (bench/task_test_epochs.py nlvr:0 nlvr:1 nlvr:2).
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.03, losses
     run_cli_logged(
         ["evaluate", "nlvr", "--checkpoint", str(run), "--data", str(prep["heldout"]), "--output_dir", str(run),
          "--num_workers=0", "--device=cpu"],

@@ -45,12 +45,14 @@ def test_prep_finetune_evaluate_beats_chance(tmp_path: Path) -> None:
     run_cli_logged(
         ["finetune", "ve", "--config", "ve_tiny_cpu", "--checkpoint", str(tiny_pretrain_checkpoint(tmp_path / "init.pth")),
          "--output_dir", str(run), f"--data.train=[{prep['train']}]", f"--data.val={prep['heldout']}",
-         "--train.epochs=4", "--logging.progress_bar=off"],
+         "--train.epochs=2", "--logging.progress_bar=off"],
         tmp_path / "ft.log",
     )  # fmt: skip
     scalars = tb_scalars(run / "tensorboard")
     losses, val = [v for _, v in scalars["train/loss_cls"]], scalars["val/accuracy"]
-    assert len(losses) >= 20 and len(val) == 4  # 1200 pairs / 16 = 75 steps per epoch, logged every 10
+    assert len(losses) == 15 and len(val) == 2  # 1200 pairs / 16 = 75 steps per epoch, logged every 10
+    # 2 epochs, measured over train.seed 0-2 (bench/task_test_epochs.py ve:0 ve:1 ve:2): loss fall 0.145-0.166,
+    # held-out accuracy 66.7-67.9; 4 epochs (0.29-0.33, 66.7-67.9) asserted nothing more.
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses  # tiny fine-tuning lowers the loss
     run_cli_logged(
         ["evaluate", "ve", "--checkpoint", str(run), "--data", str(prep["heldout"]), "--output_dir", str(run),
@@ -59,7 +61,7 @@ def test_prep_finetune_evaluate_beats_chance(tmp_path: Path) -> None:
     )  # fmt: skip
     report = json.loads((run / "eval" / "ve_snli_ve_all.json").read_text())
     assert report["num_pairs"] == synth.pairs["heldout"] == 240 and report["num_images"] == 40
-    assert report["checkpoint_step"] == 300 and report["weights"]["missing"] == []
+    assert report["checkpoint_step"] == 150 and report["weights"]["missing"] == []
     assert report["accuracy"] > 50.0 > report["chance"], report  # 3 balanced classes: chance 33.3
     written = tb_scalars(run / "tensorboard")["eval/ve_snli_ve_all/accuracy/all"]
-    assert written == [(300, pytest.approx(report["accuracy"]))]
+    assert written == [(150, pytest.approx(report["accuracy"]))]

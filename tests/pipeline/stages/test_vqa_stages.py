@@ -85,7 +85,9 @@ def test_prep_finetune_evaluate_beats_the_majority_answer(tmp_path: Path) -> Non
     report = json.loads((run / "eval" / "vqa_vqa_all.json").read_text())
     assert report["num_questions"] == report["num_scored"] == 200 and report["num_images"] == 50
     assert report["checkpoint_step"] == 225 and report["weights"]["missing"] == []
-    assert report["accuracy"] > report["majority_accuracy"] + 8.0, report  # measured 32.9-39.7 vs 17.6 (README)
+    # Measured 32.9-39.7 vs 17.6 (README). The 3 epochs are needed: after 2, 28.9-32.7 over train.seed 0-2, within
+    # a binomial sd (~3 points on 200 questions) of the bound 25.6 (bench/task_test_epochs.py vqa:0 vqa:1 vqa:2).
+    assert report["accuracy"] > report["majority_accuracy"] + 8.0, report
     results = json.loads((run / "eval" / "vqa_vqa_all_results.json").read_text())
     assert [r["question_id"] for r in results] == list(range(1201, 1401))
     assert {r["answer"] for r in results} <= set(json.loads(answer_list.read_text()))
