@@ -13,7 +13,9 @@ re-derives, without further forwards:
   (positive, negative) candidate pairs that the score orders right (0.5 = no information beyond ITC's
   shortlist; ITC's own is ~0.5 by the selection). This is what re-ranking can gain;
 - ITM alone as a retriever over the whole split, and score variants (match logit vs log-odds
-  logit1 - logit0; + cosine; + cosine / temperature).
+  logit1 - logit0; + cosine; + cosine / temperature);
+- per caption, ITM's P(match) of its own image, of ITC's top-ranked wrong image and of a random wrong
+  image, and the ITM loss on a 1:1:1 mix of the three (what `itm_negatives: mixed` trains on).
 
     PYTHONPATH=. python bench/itm_rerank_noise.py --data /tmp/pl/data/test /tmp/pl/mixed_s0 /tmp/pl/mixed_s1
 
@@ -123,6 +125,19 @@ def report(name: str, d: dict, k_test: int, ks: tuple[int, ...]) -> None:
     print(
         f"   within-top{k_test} AUC: text retrieval itc {auc['text']['itc']:.3f} itm {auc['text']['itm']:.3f} | "
         f"image retrieval itc {auc['image']['itc']:.3f} itm {auc['image']['itm']:.3f}"
+    )
+    # per caption: P(match) of its image, of ITC's top-ranked wrong image and of a random wrong image
+    txt2img, t = torch.as_tensor(d["txt2img"]), torch.arange(n_txt)
+    prob = d["itm"].softmax(-1)[..., 1]
+    hardest = sims.T.masked_fill(pos.T, -math.inf).argmax(1)
+    g = torch.Generator().manual_seed(0)
+    other = (txt2img + torch.randint(1, n_img, (n_txt,), generator=g)) % n_img
+    pp, ph, pr = prob[txt2img, t], prob[hardest, t], prob[other, t]
+    ce = -((pp.log().mean() + (1 - ph).log().mean() + (1 - pr).log().mean()) / 3).item()
+    print(
+        f"   P(match): own image {pp.mean():.3f}, ITC's hardest wrong image {ph.mean():.3f}, random wrong image "
+        f"{pr.mean():.3f}; AUC own > hardest {(pp > ph).float().mean():.3f}, own > random {(pp > pr).float().mean():.3f}; "
+        f"ITM loss on 1:1:1 of the three {ce:.3f} (2/3 ln 2 = 0.462 = random negatives told apart, hard ones a coin flip)"
     )
 
 
