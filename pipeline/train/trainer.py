@@ -130,6 +130,7 @@ class Trainer:
         self.preemption = PreemptionHandler()
         self.preempt_marker = preemption.marker_path()  # the sbatch scripts requeue when it exists
         self.geometry = geometry
+        self._step_grad_norm: torch.Tensor | None = None  # ours, for engines that report none (ZeRO stage 0)
 
     # -- set-up ------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -415,6 +416,8 @@ class Trainer:
                 # After the backward, whose graph may still read the queue: every micro-batch's
                 # momentum features of all ranks (rank order) enter the queue.
                 module.enqueue(**{name: all_gather_no_grad(t) for name, t in out.queue_update.items()})
+            if micro == self.train_cfg.grad_accum_steps - 1:
+                self._step_grad_norm = self._own_grad_norm()
             self.engine.step()
             window.add(out, ctx.alpha)
             samples += out.num_samples
@@ -430,10 +433,26 @@ class Trainer:
         overflow scan is off in our bf16 configs (`check_grad_overflow: false`: ~5,500 kernel
         launches per ALBEF-base step, 40% of all); the norm DeepSpeed computes anyway covers the same
         case with one check, and the loop then stops without saving, as for a non-finite loss."""
-        norm = self.engine.get_global_grad_norm()
+        norm = self.grad_norm()
         if norm is None:
             return torch.zeros((), dtype=torch.bool, device=self.device)
         return ~torch.isfinite(torch.as_tensor(norm, device=self.device))
+
+    def grad_norm(self) -> float | torch.Tensor | None:
+        """The last step's global gradient norm: DeepSpeed's (ZeRO computes one), else ours."""
+        norm = self.engine.get_global_grad_norm()
+        return norm if norm is not None else self._step_grad_norm
+
+    def _own_grad_norm(self) -> torch.Tensor | None:
+        """Without ZeRO, DeepSpeed computes no norm unless a half-precision optimizer needs one: then
+        take it here, after the accumulation boundary's all-reduce and before the step clears the
+        gradients (one foreach norm). fp16 engines keep DeepSpeed's own overflow handling."""
+        if self.engine.zero_optimization_stage() != 0 or self.precision == "fp16":
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
     def _check_alignment(self, batch: Any, micro: int) -> None:
         expected = self.state.step * self.train_cfg.grad_accum_steps + micro
@@ -477,7 +496,7 @@ class Trainer:
         values = window.reduce(self.device, self.dist.world_size, self.state.samples_seen)
         values["train/lr"] = window.lr
         values["train/loss_scale"] = self.loss_scale()
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norm()
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             values["train/grad_norm"] = float(grad_norm)
         values["train/skipped_steps"] = float(self.engine.skipped_steps)
