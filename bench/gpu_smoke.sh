@@ -3,7 +3,8 @@
 # through the real Trainer step (DeepSpeed ZeRO-2, torch's fused AdamW, SDPA attention) on synthetic batches, in
 #   1. fp16 (ds_configs/zero2_fp16.json: dynamic loss scaling),
 #   2. bf16 (ds_configs/zero2_bf16.json),
-#   3. optionally (COMPILE=1) both again with torch.compile on the model (engine.compile()).
+#   3. optionally (COMPILE=1) both again with torch.compile on the model (engine.compile());
+#      COMPILE=only runs the compiled steps alone.
 # Each run prints images/s, step time, peak GPU memory, loss-scale events (scale + skipped overflow
 # steps), the last loss and the MFU estimate (PEAK_TFLOPS = the GPU's dense fp16/bf16 peak).
 #
@@ -73,10 +74,12 @@ assert r["loss"] is not None and r["loss"] == r["loss"], "loss is NaN"
 PY
 }
 
-for precision in ${PRECISIONS}; do
-    run "${precision}" 0
-done
-if [[ "${COMPILE}" == 1 ]]; then
+if [[ "${COMPILE}" != only ]]; then
+    for precision in ${PRECISIONS}; do
+        run "${precision}" 0
+    done
+fi
+if [[ "${COMPILE}" == 1 || "${COMPILE}" == only ]]; then
     for precision in ${PRECISIONS}; do
         run "${precision}" 1
     done

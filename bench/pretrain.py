@@ -92,19 +92,19 @@ class OpCounter:
     kernel launch, so this is the launch count of a step measured on any machine."""
 
     def __init__(self) -> None:
+        from collections import Counter
+
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        counter = self
+        self.by_op: Counter[str] = Counter()
+        by_op = self.by_op
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 if not func.is_view:
-                    counter.count += 1
-                    counter.by_op[func.__name__] = counter.by_op.get(func.__name__, 0) + 1
+                    by_op[func.__name__] += 1
                 return func(*args, **(kwargs or {}))
 
-        self.count = 0
-        self.by_op: dict[str, int] = {}
         self.mode = _Mode()
 
 
@@ -203,7 +203,7 @@ def run_rank(args: argparse.Namespace) -> dict:
     elapsed, cpu_elapsed = time.perf_counter() - t0, time.process_time() - c0
     if counter is not None:
         counter.mode.__exit__(None, None, None)
-        top = sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:15]
+        top = counter.by_op.most_common(15)
         print("ops per step by op:", {k: round(v / args.steps) for k, v in top}, file=sys.stderr)
     if profiler is not None:
         profiler.__exit__(None, None, None)
@@ -222,7 +222,7 @@ def run_rank(args: argparse.Namespace) -> dict:
         "batch_per_rank": cfg.train.batch_size * cfg.train.grad_accum_steps, "steps": args.steps,
         "step_s": elapsed / args.steps, "step_cpu_s": cpu_elapsed / args.steps, "images_per_s": images / elapsed,
         "images_per_s_per_rank": images / elapsed / info.world_size, "peak_mem_gib": round(peak, 3),
-        "ops_per_step": round(counter.count / args.steps) if counter is not None else None,
+        "ops_per_step": round(counter.by_op.total() / args.steps) if counter is not None else None,
         "loss_scale": trainer.loss_scale(), "skipped_steps": int(trainer.engine.skipped_steps), "loss": last.get("loss"),
     }  # fmt: skip
     if args.peak_tflops:
