@@ -5,7 +5,9 @@ Layout of `RUN/checkpoints/`:
         mp_rank_00_model_states.pt               module state dict (parameters in the engine's
                                                  dtype; momentum twins + queues are fp32 buffers),
                                                  our client state, DeepSpeed counters
-        zero_pp_rank_{r}_mp_rank_00_optim_states.pt   rank r's fp32 master + Adam partition
+        zero_pp_rank_{r}_mp_rank_00_optim_states.pt   rank r's fp32 master + Adam partition (ZeRO
+                                                 stages 1-2; stage 0 keeps the optimizer in
+                                                 the model states)
         commit.json                              written by rank 0 once every rank's files are on
                                                  disk: world size, file names and sizes
     best/                    fine-tuning only: the checkpoint with the best validation metric
@@ -18,7 +20,8 @@ Commit protocol (`save`): every rank writes its files with DeepSpeed's `save_lat
 be writing), then a barrier, then rank 0 writes `commit.json` and `latest`, each atomically (temp
 file + fsync + rename). A kill at any point leaves `latest` naming a complete tag.
 
-A tag is complete when its model states and every rank's optimizer partition are there: its
+A tag is complete when its model states and every rank's optimizer partition are there (without
+ZeRO, stage 0, the optimizer is in the model states and there are no partitions): its
 `commit.json` lists them with their sizes. A tag without one is uncommitted when other tags have
 one (the save died, or an overwrite of it did: the record is removed first); in a folder of older
 code without any record, a tag passes when its partitions are ranks 0..n-1 without a gap. `--resume auto` takes the tag `latest` names when it
@@ -268,6 +271,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def check_zero_layout(folder: Path, stage: int) -> None:
+    """Refuse (ResumeError, exit 2) a tag written with or without ZeRO by an engine of the other kind.
+
+    A ZeRO engine (stage 1/2) keeps its optimizer in per-rank partition files, a stage-0 engine in
+    the model states file; DeepSpeed itself would fail deep inside the optimizer load with a
+    traceback (or, the other way round, find no partition to read)."""
+    written_with_zero = bool(partition_ranks(folder))
+    if written_with_zero != (stage > 0):
+        was = "with ZeRO (optimizer partition files)" if written_with_zero else "without ZeRO (stage 0)"
+        raise ResumeError(
+            f"{folder} was written {was}, but this run's deepspeed.config uses ZeRO stage {stage}: "
+            "resume with the DeepSpeed config the run was written with"
+        )
+
+
 def load(engine: Any, ckpt_dir: str | Path, tag: str, load_file: Callable[..., Any]) -> dict[str, Any]:
     """Collective DeepSpeed load (module, fp32 master + optimizer, counters); returns the client state.
 
@@ -275,6 +293,7 @@ def load(engine: Any, ckpt_dir: str | Path, tag: str, load_file: Callable[..., A
     restriction; for this call it reads through `load_file(path, map_location)` instead (the
     caller passes the weights-only reader), so a planted payload cannot run on resume.
     """
+    check_zero_layout(Path(ckpt_dir) / tag, engine.zero_optimization_stage())
     reader = engine.checkpoint_engine
     unrestricted = reader.load
     reader.load = lambda path, map_location=None: load_file(path, map_location)

@@ -56,11 +56,13 @@ def train_shards(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A finished 2-step CPU pretraining run through the CLI (fp32, 32 px): {'run', 'train', 'test'}.
-    Read-only for tests: copy it before changing anything."""
+    """A finished 2-step CPU pretraining run through the CLI (fp32 weights, 32 px): {'run', 'train', 'test'}.
+    Under ZeRO-2 (`ds_configs/cpu_zero2.json`), so that its tag holds an optimizer partition file as GPU
+    runs do (the shipped CPU configs run without ZeRO). Read-only for tests: copy it before changing anything."""
     root = tmp_path_factory.mktemp("tiny_run")
     splits = make_synthetic_splits(root / "splits", n_train=32, n_test=16, image_size=32)
     cmd = pretrain_cmd(root / "run", splits["train"], "--train.max_steps=2", "--train.save_every_steps=2")
+    cmd.append("--deepspeed.config=ds_configs/cpu_zero2.json")
     proc = run_cli([*cmd[3:], "--model.image_res=32", "--data.num_workers=0"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return {"run": root / "run", "train": splits["train"], "test": splits["test"]}

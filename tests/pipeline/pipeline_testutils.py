@@ -175,10 +175,6 @@ def model_states(ckpt_dir: Path, tag: str) -> dict:
     return torch_load_weights_only(ckpt_dir / tag / "mp_rank_00_model_states.pt")
 
 
-def optim_states(ckpt_dir: Path, tag: str, rank: int) -> dict:
-    return torch_load_weights_only(ckpt_dir / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
-
-
 def tb_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()

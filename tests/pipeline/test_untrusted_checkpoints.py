@@ -91,6 +91,7 @@ def _commands(p: dict[str, Path], out: Path) -> dict[str, tuple[list[str], int]]
     ft += [f"--data.train=[{p['train']}]", "--model.image_res=32", "--train.max_steps=2"]
     resume = ["pretrain", "--config", "pretrain_tiny_cpu", f"--data.train=[{p['train']}]", "--model.image_res=32"]
     resume += ["--data.num_workers=0", "--train.max_steps=4", "--logging.progress_bar=off"]
+    resume += ["--deepspeed.config=ds_configs/cpu_zero2.json"]  # tiny_run's (an optimizer partition file)
     return {
         "evaluate_run": ([*ev, "--checkpoint", str(p["states_run"])], CONFIG_ERROR_EXIT_CODE),
         "finetune_run": ([*ft, "--checkpoint", str(p["states_run"])], CONFIG_ERROR_EXIT_CODE),

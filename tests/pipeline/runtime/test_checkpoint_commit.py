@@ -135,3 +135,14 @@ def test_save_commits_after_the_files_and_a_killed_save_stays_uncommitted(tmp_pa
         checkpoint.save(FakeEngine(fail=True), tmp_path, "global_step8", {}, keep_last=None, is_main=True)
     assert checkpoint.latest_name(tmp_path) == "global_step4"
     assert checkpoint.resolve_resume("auto", tmp_path) == (tmp_path, "global_step4")
+
+
+def test_zero_layout_of_a_tag_must_match_the_engine(tmp_path: Path) -> None:
+    zero = tmp_path / make_tag(tmp_path, 2, ranks=2)
+    plain = tmp_path / make_tag(tmp_path, 4, ranks=0)  # stage 0: the optimizer is in the model states
+    checkpoint.check_zero_layout(zero, 2)
+    checkpoint.check_zero_layout(plain, 0)
+    with pytest.raises(checkpoint.ResumeError, match="written with ZeRO .* uses ZeRO stage 0"):
+        checkpoint.check_zero_layout(zero, 0)
+    with pytest.raises(checkpoint.ResumeError, match=r"written without ZeRO \(stage 0\).* uses ZeRO stage 2"):
+        checkpoint.check_zero_layout(plain, 2)

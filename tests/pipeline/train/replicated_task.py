@@ -6,7 +6,7 @@ is 3 steps at any world size; validation is a loop of "batches" that polls the s
 retrieval evaluation does, and can raise SIGUSR1 on one rank in the middle of it.
 
     python tests/pipeline/train/replicated_task.py RUN_DIR [--max_steps 9] [--save_every 3]
-        [--signal_in_validation STEP --signal_rank R]
+        [--signal_in_validation STEP --signal_rank R] [--ds DEEPSPEED_CONFIG]
 
 Prints one line `DISTINFO {json}` per rank (rank, local rank, world, master, device for fake
 device counts) before training.
@@ -83,6 +83,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--save_every", type=int, default=3)
     parser.add_argument("--signal_in_validation", type=int, default=-1)
     parser.add_argument("--signal_rank", type=int, default=0)
+    parser.add_argument("--ds", default="ds_configs/cpu_zero2.json")  # ZeRO-2 partitions, as on GPUs
     args = parser.parse_args(argv)
 
     info = dist_info_from_env()
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> int:
     sections = TrainingStageConfig(  # only train/optim/deepspeed/logging are read: the task brings the rest
         train=train,
         optim=optim,
-        deepspeed=DeepSpeedSection(config="ds_configs/cpu.json"),
+        deepspeed=DeepSpeedSection(config=args.ds),
         logging=LoggingConfig(log_every_steps=1, progress_bar="off"),
     )
     return run_training(sections, args.run_dir, "auto", make_task=lambda info: task)

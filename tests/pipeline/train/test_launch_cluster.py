@@ -6,6 +6,7 @@
   counts; training and retrieval evaluation equal the one-process run.
 - A stop signal in the middle of fine-tuning-style validation: saved at once, marker written,
   exit 75 on every rank, resumed to the end.
+- A resume under another ZeRO layout (partitions vs stage 0) exits 2 and touches nothing.
 - `--resume auto` past an incomplete `latest` (a kill between the shard writes and the commit)
   resumes from the previous complete tag, bit for bit; with no complete tag it exits 2 and
   touches nothing.
@@ -176,6 +177,35 @@ def test_resume_auto_skips_an_uncommitted_latest_bit_for_bit(one_process_run: Pa
     ours, ref = module(run, "global_step9"), module(one_process_run, "global_step9")
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
     assert checkpoint.incomplete_reason(ckpt, "global_step9") is None
+
+
+@pytest.mark.slow
+def test_one_process_without_zero_trains_like_zero2(one_process_run: Path, tmp_path: Path) -> None:
+    """Stage 0 on one rank skips DeepSpeed's (pointless) gradient all-reduce: same training as ZeRO-2."""
+    run = tmp_path / "run"
+    (proc,) = run_ranks([sys.executable, str(SCRIPT), str(run), "--ds=ds_configs/cpu.json"], [plain_env()])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "DeepSpeed's gradient all-reduce is skipped" in proc.stdout
+    assert not list((run / "checkpoints" / "global_step9").glob(checkpoint.OPTIM_STATES_GLOB))
+    ours, ref = module(run, "global_step9"), module(one_process_run, "global_step9")
+    assert any(not torch.equal(ref[k], module(one_process_run, "global_step3")[k]) for k in ref)  # it trained
+    for name in ref:
+        assert torch.allclose(ours[name], ref[name], rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_resume_under_another_zero_layout_exits_2_and_keeps_the_run(one_process_run: Path, tmp_path: Path) -> None:
+    """A ZeRO-2 run resumed with a stage-0 config: DeepSpeed would die in the optimizer load."""
+    run = tmp_path / "run"
+    shutil.copytree(one_process_run, run)
+    before = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    (proc,) = run_ranks([sys.executable, str(SCRIPT), str(run), "--ds=ds_configs/cpu.json"], [plain_env()])
+    assert proc.returncode == CONFIG_ERROR_EXIT_CODE, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+    assert "was written with ZeRO (optimizer partition files), but this run's deepspeed.config uses ZeRO stage 0" in (
+        proc.stdout
+    )
+    assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow
