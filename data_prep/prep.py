@@ -116,7 +116,7 @@ def prepare(source: str, input: str | Path | None, output: str | Path | None, **
         logger.info("all %d shards are finished already; nothing to download", expected_shards)
     manifest = build_manifest(
         out_dir, shards_dir, source=source, split=opts.split, rows=rows, expected_shards=expected_shards,
-        settings=_settings(source, input, opts), elapsed_s=time.time() - start,
+        settings=_settings(source, in_path, opts), elapsed_s=time.time() - start,
     )  # fmt: skip
     if isinstance(rows, PairRows):  # two images per sample (nlvr2): join the downloaded images per record
         manifest = _join_pairs(out_dir, manifest, rows, opts)

@@ -119,7 +119,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 def render(scene: tuple[Shape, ...], size: int, rng: random.Random) -> Image.Image:
     """Draw the scene on a light, slightly tinted background, with jittered positions and sizes."""
     bg = tuple(rng.randint(200, 245) for _ in range(3))
-    image = Image.new("RGB", (size, size), bg)  # type: ignore[arg-type]
+    image = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(image)
     for color, shape, extent, pos in scene:
         r = SIZES[extent] * size / 2 * rng.uniform(0.9, 1.1)
