@@ -67,6 +67,9 @@ def parse() -> argparse.Namespace:
     a("--batch", type=int, default=8)
     a("--image_res", type=int, default=64)
     a("--patch", type=int, default=8)
+    a("--vit_width", type=int, default=64, help="ViT width (the fusion layers' encoder_width follows it)")
+    a("--vit_depth", type=int, default=2, help="ViT blocks")
+    a("--vit_heads", type=int, default=2, help="ViT attention heads")
     a("--max_tokens", type=int, default=25)
     a("--embed_dim", type=int, default=32)
     a("--queue", type=int, default=256)
@@ -106,6 +109,7 @@ def parse() -> argparse.Namespace:
     a("--fusion_lr_mult", type=float, default=1.0, help="LR multiplier of the fusion layers + itm_head")
     a("--k_test", type=int, default=16)
     a("--grad_norms", action="store_true", help="per-loss grad norms at eval points (3 extra backwards)")
+    a("--save", action="store_true", help="write <out_dir>/<name>.pt (config + weights) for bench/tiny_probe.py")
     return p.parse_args()
 
 
@@ -246,6 +250,10 @@ def main() -> None:
     # the tiny preset is 8-px patches + fan-in init (model/config.py); --patch / --init undo either
     if args.patch != cfg.vision.patch_size:
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, patch_size=args.patch))
+    vit = {"width": args.vit_width, "depth": args.vit_depth, "num_heads": args.vit_heads}
+    if any(getattr(cfg.vision, k) != v for k, v in vit.items()):  # a bigger/deeper ViT than the preset's
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vit),
+                                  text=dataclasses.replace(cfg.text, encoder_width=args.vit_width))  # fmt: skip
     if args.init == "bert":
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, weight_init="timm"),
                                   text=dataclasses.replace(cfg.text, weight_init="bert"))  # fmt: skip
@@ -364,6 +372,8 @@ def main() -> None:
                        # distinct images / texts among the B ITM negatives (uniform draws: ~0.64 at B=32)
                        "neg_uniq": (out.neg_image_idx.unique().numel() + out.neg_text_idx.unique().numel())
                        / (2 * img.shape[0])})  # fmt: skip
+    if args.save:
+        torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, out_dir / f"{args.name}.pt")
     (out_dir / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "history": history}, indent=1))
 
 
