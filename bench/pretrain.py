@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -92,8 +93,6 @@ class OpCounter:
     kernel launch, so this is the launch count of a step measured on any machine."""
 
     def __init__(self) -> None:
-        from collections import Counter
-
         from torch.utils._python_dispatch import TorchDispatchMode
 
         self.by_op: Counter[str] = Counter()

@@ -38,19 +38,19 @@ from tiny_learning import load_data  # noqa: E402
 
 from data_prep.synthetic import COLORS, SHAPES  # noqa: E402
 from model.albef import ALBEF, build_albef  # noqa: E402
-from model.config import ALBEFConfig, TextConfig, VisionConfig  # noqa: E402
+from model.config import ALBEFConfig  # noqa: E402
+from pipeline.config.loader import from_dict  # noqa: E402
 from pipeline.data.text import build_tokenizer, bundled_vocab_path, tokenize  # noqa: E402
 from pipeline.data.transforms import EvalTransform, normalize_images, open_image  # noqa: E402
+from pipeline.runtime.io import torch_load_weights_only  # noqa: E402
 
 WORDS = {"shape": list(SHAPES), "colour": list(COLORS)}
 
 
 def load_run(path: Path) -> tuple[ALBEF, argparse.Namespace]:
     """The saved model (eval mode) and the args of the run that wrote it."""
-    saved = torch.load(path, map_location="cpu")
-    d = dict(saved["config"])
-    cfg = ALBEFConfig(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
-    model = build_albef(cfg)
+    saved = torch_load_weights_only(path)
+    model = build_albef(from_dict(ALBEFConfig, saved["config"], "config"))
     model.load_state_dict(saved["model"])
     args = json.loads(path.with_suffix(".json").read_text())["args"]
     return model.eval(), argparse.Namespace(**args)
@@ -71,6 +71,11 @@ def labels_of(captions: list[str]) -> tuple[int, int] | None:
         if len(colours) == 2 and len(shapes) == 2:
             return SHAPES.index(shapes[0]), list(COLORS).index(colours[0])
     return None
+
+
+def labelled(split: list) -> list[tuple[str, tuple[int, int]]]:
+    """The (image, (shape, colour)) rows of a split whose captions name a two-shape scene in order."""
+    return [(d, lab) for d, captions in split if (lab := labels_of(captions)) is not None]
 
 
 @torch.no_grad()
@@ -124,7 +129,7 @@ def probes(model: ALBEF, fresh: ALBEF | None, train: list, test: list, res: int)
     out = {}
     sets = []
     for split in (train, test):
-        keep = [(d, labels_of(c)) for d, c in split if labels_of(c) is not None]
+        keep = labelled(split)
         images = normalize_images(torch.stack([tf(open_image(d)) for d, _ in keep]))
         y = torch.tensor([lab for _, lab in keep])  # [N, 2]: shape, colour
         feats = {f"trained {k}": v for k, v in image_features(model, images).items()}

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from tiny_learning import load_data  # noqa: E402
-from tiny_probe import labels_of  # noqa: E402
+from tiny_probe import labelled  # noqa: E402
 
+from data_prep.synthetic import COLORS, SHAPES  # noqa: E402
 from model.config import ALBEFConfig  # noqa: E402
 from model.vision import build_vision_encoder  # noqa: E402
 from pipeline.data.transforms import (  # noqa: E402
@@ -68,12 +69,12 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     train, test = load_data(args)
-    train = [(d, labels_of(c)) for d, c in train if labels_of(c) is not None]
-    test = [(d, labels_of(c)) for d, c in test if labels_of(c) is not None]
+    train, test = labelled(train), labelled(test)
+    n_shapes = len(SHAPES)
     vcfg = dataclasses.replace(ALBEFConfig.tiny(image_size=64).vision, patch_size=args.patch, depth=args.depth,
                                width=args.width)  # fmt: skip
     vit = build_vision_encoder(vcfg)
-    heads = torch.nn.Linear(args.width, 5 + 6)  # 5 shapes, 6 colours
+    heads = torch.nn.Linear(args.width, n_shapes + len(COLORS))  # shape logits, then colour logits
     opt = torch.optim.AdamW(list(vit.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.02)
     ev, ra = EvalTransform(64), RandAugment()
     parts = set(args.aug.split(",")) - {"none"}
@@ -96,8 +97,8 @@ def main() -> None:
         with torch.no_grad():
             logits = heads(vit(x_te)[:, 0])
         vit.train()
-        shape = logits[:, :5].argmax(1).eq(y_te[:, 0]).float().mean().item()
-        colour = logits[:, 5:].argmax(1).eq(y_te[:, 1]).float().mean().item()
+        shape = logits[:, :n_shapes].argmax(1).eq(y_te[:, 0]).float().mean().item()
+        colour = logits[:, n_shapes:].argmax(1).eq(y_te[:, 1]).float().mean().item()
         print(
             f"step {step:4d} test acc shape {100 * shape:5.1f} colour {100 * colour:5.1f} (n={len(test)})", flush=True
         )
@@ -119,7 +120,7 @@ def main() -> None:
             ys.append(lab)
         y = torch.tensor(ys)
         logits = heads(vit(normalize_images(torch.stack(imgs)))[:, 0])
-        loss = F.cross_entropy(logits[:, :5], y[:, 0]) + F.cross_entropy(logits[:, 5:], y[:, 1])
+        loss = F.cross_entropy(logits[:, :n_shapes], y[:, 0]) + F.cross_entropy(logits[:, n_shapes:], y[:, 1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

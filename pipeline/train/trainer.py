@@ -131,6 +131,7 @@ class Trainer:
         self.preempt_marker = preemption.marker_path()  # the sbatch scripts requeue when it exists
         self.geometry = geometry
         self._step_grad_norm: torch.Tensor | None = None  # ours, for engines that report none (ZeRO stage 0)
+        self._takes_own_grad_norm = False  # decided in setup(), once the engine exists
 
     # -- set-up ------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -150,6 +151,9 @@ class Trainer:
             delattr(p, "ds_optim_param")  # noqa: B043
         self._restore_fp32_buffers(kept)
         self._broadcast(list(self.engine.module.buffers()) + scalars)
+        # Without ZeRO, DeepSpeed computes no norm unless a half-precision optimizer needs one; fp16 engines
+        # keep DeepSpeed's own overflow handling.
+        self._takes_own_grad_norm = self.engine.zero_optimization_stage() == 0 and self.precision != "fp16"
         if self.dist.world_size == 1 and self.engine.zero_optimization_stage() == 0:
             # Nothing to all-reduce on one rank, yet DeepSpeed's stage-0 path would still flatten every
             # gradient into buckets, "reduce" them and copy them back: ~30% of a one-process CPU step
@@ -450,10 +454,9 @@ class Trainer:
         return norm if norm is not None else self._step_grad_norm
 
     def _own_grad_norm(self) -> torch.Tensor | None:
-        """Without ZeRO, DeepSpeed computes no norm unless a half-precision optimizer needs one: then
-        take it here, after the accumulation boundary's all-reduce and before the step clears the
-        gradients (one foreach norm). fp16 engines keep DeepSpeed's own overflow handling."""
-        if self.engine.zero_optimization_stage() != 0 or self.precision == "fp16":
+        """The global norm where DeepSpeed reports none (see setup): after the accumulation boundary's
+        all-reduce and before the step clears the gradients (one foreach norm)."""
+        if not self._takes_own_grad_norm:
             return None
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         if not grads:

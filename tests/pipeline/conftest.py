@@ -61,8 +61,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     runs do (the shipped CPU configs run without ZeRO). Read-only for tests: copy it before changing anything."""
     root = tmp_path_factory.mktemp("tiny_run")
     splits = make_synthetic_splits(root / "splits", n_train=32, n_test=16, image_size=32)
-    cmd = pretrain_cmd(root / "run", splits["train"], "--train.max_steps=2", "--train.save_every_steps=2")
-    cmd.append("--deepspeed.config=ds_configs/cpu_zero2.json")
+    cmd = pretrain_cmd(
+        root / "run",
+        splits["train"],
+        "--train.max_steps=2",
+        "--train.save_every_steps=2",
+        "--deepspeed.config=ds_configs/cpu_zero2.json",
+    )
     proc = run_cli([*cmd[3:], "--model.image_res=32", "--data.num_workers=0"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return {"run": root / "run", "train": splits["train"], "test": splits["test"]}

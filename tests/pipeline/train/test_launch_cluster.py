@@ -91,6 +91,19 @@ def module(run: Path, tag: str) -> dict[str, torch.Tensor]:
     return torch_load_weights_only(run / "checkpoints" / tag / checkpoint.MODEL_STATES)["module"]
 
 
+def one_process(run: Path, *args: str) -> subprocess.CompletedProcess:
+    """The replicated task as one plain process (no launcher), its output in stdout."""
+    (proc,) = run_ranks([sys.executable, str(SCRIPT), str(run), *args], [plain_env()])
+    return proc
+
+
+def assert_trained_alike(run: Path, reference: Path, tag: str = "global_step9") -> None:
+    """Same weights up to summation order (other world sizes or ZeRO layouts reduce in another order)."""
+    ours, ref = module(run, tag), module(reference, tag)
+    for name in ref:
+        assert torch.allclose(ours[name], ref[name], rtol=1e-5, atol=1e-6), name
+
+
 def test_srun_env_of_two_nodes_gives_ranks_master_and_gpus() -> None:
     for procid in range(NODES * PER_NODE):
         info = dist_info_from_env(srun_env(procid, port=29400))
@@ -117,7 +130,7 @@ def test_srun_env_of_two_nodes_gives_ranks_master_and_gpus() -> None:
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("one") / "run"
-    (proc,) = run_ranks([sys.executable, str(SCRIPT), str(run)], [plain_env()])
+    proc = one_process(run)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return run
 
@@ -136,9 +149,7 @@ def test_two_nodes_of_two_ranks_train_like_one_process(one_process_run: Path, tm
         assert seen["devices"] == {"1": "cuda:0", "2": f"cuda:{r % 2}", "8": f"cuda:{r % 2}"}
     record = json.loads((run / "checkpoints" / "global_step9" / checkpoint.COMMIT_FILE).read_text())
     assert record["world_size"] == 4 and len([f for f in record["files"] if "optim_states" in f]) == 4
-    ours, ref = module(run, "global_step9"), module(one_process_run, "global_step9")
-    for name in ref:  # identical batches on every rank: the all-reduced gradient is the one-process one
-        assert torch.allclose(ours[name], ref[name], rtol=1e-5, atol=1e-6), name
+    assert_trained_alike(run, one_process_run)  # identical batches on every rank: the one-process gradient
 
 
 @pytest.mark.slow
@@ -158,9 +169,7 @@ def test_stop_during_validation_saves_marks_and_resumes(one_process_run: Path, t
     procs = run_ranks([sys.executable, str(SCRIPT), str(run)], envs)
     assert [p.returncode for p in procs] == [0, 0], procs[0].stdout[-3000:]
     assert "resumed at step 6" in procs[0].stdout and not marker.with_suffix(".1").exists()
-    ours, ref = module(run, "global_step9"), module(one_process_run, "global_step9")
-    for name in ref:
-        assert torch.allclose(ours[name], ref[name], rtol=1e-5, atol=1e-6), name
+    assert_trained_alike(run, one_process_run)
 
 
 @pytest.mark.slow
@@ -171,7 +180,7 @@ def test_resume_auto_skips_an_uncommitted_latest_bit_for_bit(one_process_run: Pa
     # The save of step 9 was killed between the shard writes and the commit: rank 0's partition
     # is gone and `latest` (as DeepSpeed used to write it early) already names it.
     (ckpt / "global_step9" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
-    (proc,) = run_ranks([sys.executable, str(SCRIPT), str(run)], [plain_env()])
+    proc = one_process(run)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "names global_step9, which is incomplete" in proc.stdout and "resumed at step 6" in proc.stdout
     ours, ref = module(run, "global_step9"), module(one_process_run, "global_step9")
@@ -183,14 +192,13 @@ def test_resume_auto_skips_an_uncommitted_latest_bit_for_bit(one_process_run: Pa
 def test_one_process_without_zero_trains_like_zero2(one_process_run: Path, tmp_path: Path) -> None:
     """Stage 0 on one rank skips DeepSpeed's (pointless) gradient all-reduce: same training as ZeRO-2."""
     run = tmp_path / "run"
-    (proc,) = run_ranks([sys.executable, str(SCRIPT), str(run), "--ds=ds_configs/cpu.json"], [plain_env()])
+    proc = one_process(run, "--ds=ds_configs/cpu.json")
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "DeepSpeed's gradient all-reduce is skipped" in proc.stdout
     assert not list((run / "checkpoints" / "global_step9").glob(checkpoint.OPTIM_STATES_GLOB))
-    ours, ref = module(run, "global_step9"), module(one_process_run, "global_step9")
-    assert any(not torch.equal(ref[k], module(one_process_run, "global_step3")[k]) for k in ref)  # it trained
-    for name in ref:
-        assert torch.allclose(ours[name], ref[name], rtol=1e-5, atol=1e-6), name
+    ref, start = module(one_process_run, "global_step9"), module(one_process_run, "global_step3")
+    assert any(not torch.equal(ref[k], start[k]) for k in ref)  # it trained
+    assert_trained_alike(run, one_process_run)
 
 
 @pytest.mark.slow
@@ -199,7 +207,7 @@ def test_resume_under_another_zero_layout_exits_2_and_keeps_the_run(one_process_
     run = tmp_path / "run"
     shutil.copytree(one_process_run, run)
     before = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
-    (proc,) = run_ranks([sys.executable, str(SCRIPT), str(run), "--ds=ds_configs/cpu.json"], [plain_env()])
+    proc = one_process(run, "--ds=ds_configs/cpu.json")
     assert proc.returncode == CONFIG_ERROR_EXIT_CODE, proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout
     assert "was written with ZeRO (optimizer partition files), but this run's deepspeed.config uses ZeRO stage 0" in (
@@ -215,7 +223,7 @@ def test_resume_auto_without_a_complete_tag_exits_2_and_keeps_the_tags(tmp_path:
     (ckpt / "global_step3" / checkpoint.MODEL_STATES).write_bytes(b"half a file")
     (ckpt / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")
     (ckpt / "latest").write_text("global_step7")  # dangling
-    (proc,) = run_ranks([sys.executable, str(SCRIPT), str(tmp_path / "run")], [plain_env()])
+    proc = one_process(tmp_path / "run")
     assert proc.returncode == CONFIG_ERROR_EXIT_CODE, proc.stdout[-3000:]
     assert "none is complete" in proc.stdout and "refusing to train from scratch" in proc.stdout
     assert (ckpt / "global_step3" / checkpoint.MODEL_STATES).read_bytes() == b"half a file"
