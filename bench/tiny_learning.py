@@ -89,6 +89,7 @@ def parse() -> argparse.Namespace:
     a("--w_mlm", type=float, default=1.0)
     a("--aug", default="full", choices=["full", "crop_flip", "none"])
     a("--crop_scale", type=float, default=0.2)
+    a("--hflip", type=int, default=1, help="0 = no horizontal flip in crop_flip / full")
     a("--queue_warm", action="store_true", help="fill the queue with momentum features of real batches at step 0")
     a(
         "--init",
@@ -133,11 +134,13 @@ def load_data(args: argparse.Namespace) -> tuple[list, list]:
 class TrainStream:
     """Shuffled epochs over the train images; one random caption per image per draw (as the loader)."""
 
-    def __init__(self, train: list, batch: int, res: int, aug: str, scale: float, seed: int) -> None:
+    def __init__(
+        self, train: list, batch: int, res: int, aug: str, scale: float, seed: int, hflip: bool = True
+    ) -> None:
         self.train, self.batch = train, batch
         self.rng = random.Random(seed)
         self.order: list[int] = []
-        self.tf = TrainTransform(res, (scale, 1.0), randaugment=(aug == "full"))
+        self.tf = TrainTransform(res, (scale, 1.0), randaugment=(aug == "full"), hflip=hflip)
         self.aug = aug
         self.eval_tf = EvalTransform(res)
 
@@ -286,7 +289,7 @@ def main() -> None:
             g["name"], 1.0
         )
     opt = torch.optim.AdamW(groups, lr=args.lr)
-    stream = TrainStream(train, args.batch, args.image_res, args.aug, args.crop_scale, args.seed)
+    stream = TrainStream(train, args.batch, args.image_res, args.aug, args.crop_scale, args.seed, bool(args.hflip))
     ramp = round(args.alpha_ramp_epochs * len(train) / args.batch)
     fl = cfg.text.fusion_layer
     gn_groups = {

@@ -9,7 +9,7 @@ negatives (pipeline/configs/pretrain_tiny_cpu.yaml comments):
         mixed:0 random:0 mixed:1 random:1 mixed:2 random:2
 
 Each argument is ITM_NEGATIVES:SEED. Prints one line per run: R@1 (text, image) per score, their
-means and ITM+ITC minus ITC; the runs stay under WORKDIR/<kind>_s<seed>.
+means and ITM+ITC minus ITC with its paired standard error; the runs stay under WORKDIR/<kind>_s<seed>.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def main() -> None:
                     "--data", str(data / "test"), "--output_dir", str(run), "--k_test", str(args.k_test),
                     "--num_workers=0", "--device=cpu", "--dataset=synthetic"]  # fmt: skip
         subprocess.run(evaluate, env=env, cwd=REPO_ROOT, capture_output=True, check=True)
-        metrics = json.loads((run / "eval" / "retrieval_synthetic_test.json").read_text())["metrics"]
+        report = json.loads((run / "eval" / "retrieval_synthetic_test.json").read_text())
+        metrics, gain = report["metrics"], report["rerank_vs_itc"]["itm_itc"]["r1_mean"]
         r1 = {s: (m["txt_r1"], m["img_r1"]) for s, m in metrics.items()}
         mean = {s: (t + i) / 2 for s, (t, i) in r1.items()}
         print(
@@ -61,7 +62,7 @@ def main() -> None:
             + ", ".join(f"{s} ({t:.1f}, {i:.1f})" for s, (t, i) in r1.items())
             + " | mean "
             + ", ".join(f"{s} {v:.2f}" for s, v in mean.items())
-            + f" | ITM+ITC - ITC {mean['itm_itc'] - mean['itc']:+.2f}",
+            + f" | ITM+ITC - ITC {gain['diff']:+.2f} +- {gain['se']:.2f} (paired s.e.)",
             flush=True,
         )
 

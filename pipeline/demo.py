@@ -345,6 +345,10 @@ def _plot(layout: Layout, zero: dict, tuned: dict, curve: dict, path: Path) -> N
     for label, rep in (("zero-shot", zero), ("fine-tuned", tuned)):
         lines.append(f"{label:<11}" + "".join(f"{_r1(rep['metrics'][s]):>8.1f}" for s in ("itc", "itm")) +
                      f"{_r1(rep['metrics']['itm_itc']):>9.1f}")  # fmt: skip
+    lines += ["", "ITM+ITC minus ITC (+- 1 s.e.)"]
+    for label, rep in (("zero-shot", zero), ("fine-tuned", tuned)):
+        gain = rep["rerank_vs_itc"]["itm_itc"]["r1_mean"]
+        lines.append(f"{label:<11}{gain['diff']:>+8.1f} +- {gain['se']:.1f}")
     ax.text(0.0, 0.9, "\n".join(lines), family="monospace", fontsize=11, va="top")
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
@@ -367,6 +371,8 @@ def _write_report(layout: Layout, stages: Stages, steps: int, finetune_steps: in
             "fine_tuned": {score: _r1(tuned["metrics"][score]) for score in tuned["metrics"]},
             "chance": _r1(tuned["chance"]),
         },
+        # ITM+ITC / ITM R@1 minus ITC's on the same queries, with the standard error of that difference
+        "rerank_vs_itc": {"zero_shot": zero["rerank_vs_itc"], "fine_tuned": tuned["rerank_vs_itc"]},
         "zero_shot_curve": [
             {"step": p["step"], **{score: _r1(p["metrics"][score]) for score in ("itc", "itm", "itm_itc")}}
             for p in curve["points"]
@@ -411,6 +417,11 @@ def _summary(report: dict, layout: Layout) -> None:
     for which in ("zero_shot", "fine_tuned"):
         scores = ", ".join(f"{score} {v:.1f}%" for score, v in r1[which].items())
         print(f"  {which.replace('_', '-'):<10}  {scores}")
+    for which in ("zero_shot", "fine_tuned"):
+        gain = report["rerank_vs_itc"][which]["itm_itc"]["r1_mean"]
+        print(
+            f"  {which.replace('_', '-'):<10}  ITM+ITC minus ITC {gain['diff']:+.1f} +- {gain['se']:.1f} (one standard error)"
+        )
     curve = ", ".join(f"{p['step']}: {p['itc']:.1f}" for p in report["zero_shot_curve"])
     print(f"  zero-shot ITC R@1 over pretraining steps: {curve}")
     walls = ", ".join(f"{k} {v:.0f} s" for k, v in report["wall_time_s"].items())

@@ -277,7 +277,10 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 
 
 class TrainTransform:
-    """Lazily opened image -> augmented uint8 [3, res, res] tensor (ALBEF train pipeline)."""
+    """Lazily opened image -> augmented uint8 [3, res, res] tensor (ALBEF train pipeline).
+
+    `hflip=False` drops the mirror, which contradicts captions that say "on the left" (measured on the
+    synthetic shapes with bench/tiny_learning.py --hflip 0; the stages keep the paper's flip)."""
 
     def __init__(
         self,
@@ -286,16 +289,17 @@ class TrainTransform:
         randaugment: bool = True,
         draft: bool = True,
         resize: Resize = "cv2_upscale",
+        hflip: bool = True,
     ) -> None:
         assert res > 0 and 0 < scale[0] <= scale[1] <= 1.0, (res, scale)
-        self.res, self.scale, self.draft, self.resize = res, scale, draft, resize
+        self.res, self.scale, self.draft, self.resize, self.hflip = res, scale, draft, resize, hflip
         self.randaugment = RandAugment() if randaugment else None
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         """Returns uint8 [3, res, res]; see `normalize_images`."""
         box = random_resized_crop_box(img.size[0], img.size[1], self.scale, rng)
         out = decode_region(img, box, self.res, self.draft, self.resize)  # [res, res, 3] uint8
-        if rng.random() < 0.5:
+        if self.hflip and rng.random() < 0.5:
             out = cv2.flip(out, 1)
         if self.randaugment is not None:
             out = self.randaugment(out, rng)

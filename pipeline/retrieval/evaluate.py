@@ -27,7 +27,7 @@ from model.retrieval import ALBEFRetrieval, build_retrieval, load_retrieval_stat
 from pipeline.config import ConfigError, check, from_dict, load_config
 from pipeline.data import build_eval_loader, caption_index
 from pipeline.data.text import build_tokenizer, tokenize
-from pipeline.retrieval.metrics import chance_metrics, recall_curves, retrieval_metrics
+from pipeline.retrieval.metrics import chance_metrics, paired_r1_difference, recall_curves, retrieval_metrics
 from pipeline.retrieval.rerank import EncodedSplit, all_gather_rows, row_range, score_matrices, score_matrices_grouped
 from pipeline.runtime.distributed import all_gather_objects
 from pipeline.runtime.io import LoadedCheckpoint, read_checkpoint
@@ -327,6 +327,15 @@ def metrics_from_scores(
     return metrics, curves
 
 
+def rerank_versus_itc(scores: Mapping[str, tuple[torch.Tensor, torch.Tensor]], split: EvalSplit) -> dict:
+    """{re-ranking score: paired R@1 difference to ITC alone}: does re-ranking the top k help on this split?"""
+    return {
+        name: paired_r1_difference(pair, scores["itc"], split.img2txt, split.txt2img)
+        for name, pair in scores.items()
+        if name != "itc"
+    }
+
+
 def evaluate_model(
     model: Any,
     data: str | Path,
@@ -339,7 +348,8 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Encode, re-rank and score `data` with an in-memory model; every rank gets the same result.
 
-    Returns {"metrics": {score: {...}}, "curves": ..., "num_images", "num_texts", "bad_samples", "timings"}.
+    Returns {"metrics": {score: {...}}, "curves": ..., "rerank_vs_itc": {score: {...}} (see
+    `rerank_versus_itc`), "scores", "num_images", "num_texts", "bad_samples", "timings"}.
     The model is put in eval mode and restored to its previous mode afterwards.
     """
 
@@ -358,6 +368,7 @@ def evaluate_model(
     return {
         "metrics": metrics,
         "curves": curves,
+        "rerank_vs_itc": rerank_versus_itc(scores, split),
         "scores": scores,
         "num_images": len(split.img2txt),
         "num_texts": len(split.txt2img),

@@ -17,6 +17,7 @@ Conventions (the official ALBEF `itm_eval`, made deterministic):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -113,6 +114,46 @@ def retrieval_metrics(
     out["txt_r_mean"] = sum(txt.values()) / len(txt)
     out["img_r_mean"] = sum(img.values()) / len(img)
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def paired_r1_difference(
+    scores: tuple[torch.Tensor, torch.Tensor],
+    baseline: tuple[torch.Tensor, torch.Tensor],
+    img2txt: Sequence[Sequence[int]],
+    txt2img: Sequence[int] | torch.Tensor,
+) -> dict[str, dict[str, float]]:
+    """R@1 of `scores` minus R@1 of `baseline` on the same queries, with its standard error (percent).
+
+    Why paired: whether re-ranking helps is a difference between two rankings of the same queries, and
+    most queries keep their top-1. The per-query change d in {-1, 0, +1} carries that, so its standard
+    error (std(d) / sqrt(n)) is far smaller than two independent recalls' and honest about a split of
+    a few hundred images, where a single run's sign is often noise.
+
+    Args:
+        scores, baseline: (scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img]) each.
+    Returns:
+        {"txt_r1" | "img_r1": {"diff", "se", "gained", "lost"}, "r1_mean": {"diff", "se"}}: gained / lost
+        count the queries whose top-1 became / stopped being right; r1_mean averages the two sides (its
+        standard error treats them as independent samples).
+    """
+    n_img, n_txt = scores[0].shape
+    pos_i2t = positive_mask_from_img2txt(img2txt, n_txt)
+    pos_t2i = positive_mask_from_txt2img(txt2img, n_img)
+    out: dict[str, dict[str, float]] = {}
+    for side, index, positives in (("txt_r1", 0, pos_i2t), ("img_r1", 1, pos_t2i)):
+        hit = (ranks_from_scores(scores[index], positives) < 1).float()
+        hit_base = (ranks_from_scores(baseline[index], positives) < 1).float()
+        d = hit - hit_base
+        se = d.std(unbiased=True).item() / math.sqrt(d.numel()) if d.numel() > 1 else float("nan")
+        out[side] = {
+            "diff": 100.0 * d.mean().item(),
+            "se": 100.0 * se,
+            "gained": int((d > 0).sum().item()),
+            "lost": int((d < 0).sum().item()),
+        }
+    txt, img = out["txt_r1"], out["img_r1"]
+    out["r1_mean"] = {"diff": (txt["diff"] + img["diff"]) / 2, "se": math.hypot(txt["se"], img["se"]) / 2}
     return out
 
 

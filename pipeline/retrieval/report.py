@@ -44,6 +44,20 @@ def format_table(metrics: Mapping[str, Mapping[str, float]], title: str = "") ->
     return "\n".join(lines)
 
 
+def format_rerank(versus_itc: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """One line per re-ranking score: its R@1 minus ITC's on the same queries, +- one standard error."""
+    lines = ["R@1 of re-ranking minus ITC alone (paired over the same queries, +- one standard error):"]
+    for name, sides in versus_itc.items():
+        parts = []
+        for side, label in (("txt_r1", "text"), ("img_r1", "image")):
+            d = sides[side]
+            parts.append(f"{label} {d['diff']:+.2f} +- {d['se']:.2f} (+{d['gained']:.0f} -{d['lost']:.0f})")
+        mean = sides["r1_mean"]
+        parts.append(f"mean {mean['diff']:+.2f} +- {mean['se']:.2f}")
+        lines.append(f"  {SCORE_LABELS.get(name, name):<22}" + ", ".join(parts))
+    return "\n".join(lines)
+
+
 def tensorboard_scalars(log_dir: Path, prefix: str, metrics: Mapping[str, Mapping[str, float]], step: int) -> None:
     """`<prefix>/<score>/<metric>` scalars at `step` in `log_dir` (the run's tensorboard folder)."""
     log_dir.mkdir(parents=True, exist_ok=True)

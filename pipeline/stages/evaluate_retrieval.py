@@ -34,7 +34,7 @@ from pipeline.retrieval.evaluate import (
     load_eval_config,
     read_eval_checkpoint,
 )
-from pipeline.retrieval.report import format_table, plot_recall, report_stem, tensorboard_scalars
+from pipeline.retrieval.report import format_rerank, format_table, plot_recall, report_stem, tensorboard_scalars
 from pipeline.runtime.distributed import dist_info_from_env, init_distributed
 from pipeline.runtime.ds_config import resolve_device
 from pipeline.runtime.exit_codes import CONFIG_ERROR_EXIT_CODE
@@ -86,6 +86,7 @@ def evaluate_retrieval(
     report = {
         "metrics": {s: result["metrics"][s] for s in SCORES},
         "chance": result["metrics"]["chance"],
+        "rerank_vs_itc": result["rerank_vs_itc"],
         "recall_curves": {
             s: {side: {str(k): v for k, v in c.items()} for side, c in curve.items()}
             for s, curve in result["curves"].items()
@@ -121,6 +122,7 @@ def evaluate_retrieval(
                 f"{stem}: {report['num_images']} images x {report['num_texts']} captions, k_test {cfg.k_test}",
             )
         )
+        print(format_rerank(report["rerank_vs_itc"]))
         logger.info("wrote %s (%.1f s)", out / "eval" / f"{stem}.json", report["time_s"])
     if world > 1:
         dist.barrier()

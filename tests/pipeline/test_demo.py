@@ -38,6 +38,12 @@ def test_demo_end_to_end_and_resume(tmp_path: Path, capsys) -> None:
     last = report["metrics"]["zero_shot"]["itc"]
     assert curve[-1]["itc"] == pytest.approx((last["txt_r1"] + last["img_r1"]) / 2)  # same checkpoint, same number
     assert report["r1"]["chance"] == pytest.approx((chance["txt_r1"] + chance["img_r1"]) / 2)
+    for which in ("zero_shot", "fine_tuned"):  # the paired difference is the difference of the two R@1
+        for score in ("itm", "itm_itc"):
+            gain = report["rerank_vs_itc"][which][score]["r1_mean"]
+            r1 = report["r1"][which]
+            assert gain["diff"] == pytest.approx(r1[score] - r1["itc"], abs=1e-6) and gain["se"] >= 0, (which, score)
+    assert "ITM+ITC minus ITC" in out
     print("\nzero-shot r_mean:", {k: round(v["r_mean"], 1) for k, v in report["metrics"]["zero_shot"].items()},
           "\nfine-tuned r_mean:", {k: round(v["r_mean"], 1) for k, v in report["metrics"]["fine_tuned"].items()},
           "\nchance r_mean:", round(chance["r_mean"], 1),

@@ -16,6 +16,7 @@ from pipeline.data.transforms import (
     CLIP_STD,
     EvalTransform,
     RandAugment,
+    TrainTransform,
     autocontrast,
     build_train_transform,
     equalize,
@@ -206,3 +207,19 @@ def test_train_transform_default_is_the_fast_resize() -> None:
     ref = build_train_transform(96, resize="pil")(open_image(data), random.Random(3))
     assert fast.shape == ref.shape == (3, 96, 96) and fast.dtype == torch.uint8
     assert (fast.float() - ref.float()).abs().mean() < 3.0
+
+
+def test_train_transform_flips_half_the_time_unless_told_not_to() -> None:
+    """Whole-image crops and no RandAugment leave the flip as the only change (dark left half, light right)."""
+    arr = np.zeros((64, 64, 3), np.uint8)
+    arr[:, 32:] = 255
+    img = open_image(_jpeg(arr))
+
+    def mirrored(hflip: bool) -> list[bool]:
+        tf = TrainTransform(32, (1.0, 1.0), randaugment=False, hflip=hflip)
+        rng = random.Random(0)
+        outs = [tf(img, rng).float() for _ in range(40)]
+        return [bool(o[:, :, :8].mean() > o[:, :, -8:].mean()) for o in outs]
+
+    assert 5 < sum(mirrored(True)) < 35  # the paper's p = 0.5
+    assert not any(mirrored(False))

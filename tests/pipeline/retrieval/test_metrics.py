@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.retrieval.metrics import (
     chance_metrics,
+    paired_r1_difference,
     ranks_from_scores,
     recall_at_k,
     retrieval_metrics,
@@ -144,3 +147,22 @@ def test_chance_levels() -> None:
         for _ in range(5)
     ]
     assert np.mean([m["img_r10"] for m in rnd]) == pytest.approx(chance["img_r10"], abs=2.0)
+
+
+def test_paired_r1_difference_counts_changed_top1_and_its_error() -> None:
+    # 4 images x 1 caption each; identity = every query right. The re-ranker breaks image 0's and
+    # caption 1's top-1 and fixes nothing: text side -25 points, image side -25 points.
+    img2txt, txt2img = [[0], [1], [2], [3]], [0, 1, 2, 3]
+    base = torch.eye(4)
+    new_i2t, new_t2i = torch.eye(4), torch.eye(4)
+    new_i2t[0, 3] = 2.0  # image 0 now prefers caption 3
+    new_t2i[1, 2] = 2.0  # caption 1 now prefers image 2
+    out = paired_r1_difference((new_i2t, new_t2i), (base, base.clone()), img2txt, txt2img)
+    d = torch.tensor([-1.0, 0.0, 0.0, 0.0])
+    se = 100.0 * d.std().item() / 2.0  # std(d) / sqrt(4)
+    for side in ("txt_r1", "img_r1"):
+        assert out[side] == {"diff": -25.0, "se": pytest.approx(se), "gained": 0, "lost": 1}, side
+    assert out["r1_mean"]["diff"] == -25.0 and out["r1_mean"]["se"] == pytest.approx(math.hypot(se, se) / 2)
+    # the same ranking twice: no change, no error
+    same = paired_r1_difference((base, base), (base, base), img2txt, txt2img)
+    assert same["r1_mean"] == {"diff": 0.0, "se": 0.0}

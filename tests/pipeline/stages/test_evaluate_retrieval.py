@@ -49,6 +49,12 @@ def test_outputs_json_plot_tensorboard(test_split: Path, tiny_ckpt, tmp_path: Pa
         assert all(0.0 <= v <= 100.0 for v in written["metrics"][score].values())
         assert written["metrics"][score] == pytest.approx(report["metrics"][score])
     assert written["chance"]["img_r1"] == pytest.approx(5.0)  # 1 of 20 images
+    for score in ("itm", "itm_itc"):  # re-ranking vs ITC on the same queries: the R@1 difference, paired
+        versus = written["rerank_vs_itc"][score]
+        for side, n in (("txt_r1", 20), ("img_r1", 60)):
+            diff = written["metrics"][score][side] - written["metrics"]["itc"][side]
+            assert versus[side]["diff"] == pytest.approx(diff, abs=1e-6), (score, side)
+            assert versus[side]["gained"] - versus[side]["lost"] == round(diff * n / 100), (score, side)
     assert (tmp_path / "eval" / "retrieval_synthetic_test.png").stat().st_size > 1000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
