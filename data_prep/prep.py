@@ -10,7 +10,8 @@ parses every *.json inside its folder):
                                     joined from shards/ (data_prep/pairs.py); the manifest lists these
     DIR/manifest.json
 Re-running the same command on a partial DIR resumes: finished shards (those with a stats file)
-are not downloaded again, and the manifest is rebuilt from everything on disk.
+are not downloaded again, and the manifest is rebuilt from everything on disk. Finished shards hold
+their samples in key order (`data_prep.shard_order`), so one input list always gives the same shards.
 
 Guarantees (each row that breaks one is skipped and counted in the manifest, never fatal):
 - URLs from a list are http(s) only; a local file is read only when named relative to an explicit
@@ -47,6 +48,7 @@ from data_prep.img2ds import (
 from data_prep.manifest import MANIFEST_NAME, build_manifest, shard_name, write_json_atomic
 from data_prep.options import PrepOptions, parse_options
 from data_prep.pairs import join_pairs, pair_manifest
+from data_prep.shard_order import sort_shards
 from data_prep.sources import READERS, SIDE_FILES
 from data_prep.sources.nlvr2 import PairRows
 
@@ -114,6 +116,8 @@ def prepare(source: str, input: str | Path | None, output: str | Path | None, **
             logger.error("img2dataset exited with code %d", code)
     else:
         logger.info("all %d shards are finished already; nothing to download", expected_shards)
+    if shards_dir.is_dir():
+        sort_shards(shards_dir)  # download order varies between runs; key order does not
     manifest = build_manifest(
         out_dir, shards_dir, source=source, split=opts.split, rows=rows, expected_shards=expected_shards,
         settings=_settings(source, in_path, opts), elapsed_s=time.time() - start,
