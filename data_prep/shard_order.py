@@ -1,8 +1,8 @@
 """Put every finished shard's samples in key order, so that one input list always gives the same shards.
 
 Why: img2dataset writes a shard's samples in the order their downloads finish, which changes from run to
-run (even with one thread). The loader's shuffle is seeded, but it shuffles whatever order it is fed, so
-two preps of the same list trained two different runs. Keys are assigned from the input row order, so
+run with more than one download thread. The loader's shuffle is seeded, but it shuffles whatever order it
+is fed, so two preps of the same list trained two different runs. Keys are assigned from the input row order, so
 sorting by key gives a deterministic order; a sample's own members (.jpg, .json, .txt) keep theirs.
 
 Rewriting a shard streams it member by member (memory bounded by one image) into a temporary file that is

@@ -145,7 +145,7 @@ def paired_r1_difference(
         hit = (ranks_from_scores(scores[index], positives) < 1).float()
         hit_base = (ranks_from_scores(baseline[index], positives) < 1).float()
         d = hit - hit_base
-        se = d.std(unbiased=True).item() / math.sqrt(d.numel()) if d.numel() > 1 else float("nan")
+        se = d.std().item() / math.sqrt(d.numel()) if d.numel() > 1 else float("nan")  # std with n - 1
         out[side] = {
             "diff": 100.0 * d.mean().item(),
             "se": 100.0 * se,
