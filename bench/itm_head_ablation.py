@@ -3,8 +3,9 @@
 On a small held-out split, "ITM re-ranking minus ITC" alone cannot say whether the ITM head learned
 anything: its paired standard error is 0.7-1.7 R@1 points at 200-400 images, and a head that learned
 nothing also re-ranks a weak ITC shortlist to within noise of ITC. This evaluates each checkpoint twice
-with the evaluation core of `albef evaluate retrieval`: as trained, and with `itm_head` reset to a fresh
-random init (the fusion encoder unchanged). The gap between the two is what the trained head adds.
+with the evaluation core of `albef evaluate retrieval` (the split encoded once): as trained, and with
+`itm_head` reset to a fresh random init (the fusion encoder unchanged). The gap between the two is what
+the trained head adds.
 
     PYTHONPATH=. python bench/itm_head_ablation.py RUN_OR_CHECKPOINT:TEST_SHARDS [...] [--k_test 16]
 
@@ -22,12 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.data.text import build_tokenizer  # noqa: E402
 from pipeline.retrieval.evaluate import (  # noqa: E402
     build_eval_model,
-    evaluate_model,
+    encode_split,
     load_eval_config,
     read_eval_checkpoint,
+    rerank_versus_itc,
+    score_split,
 )
+from pipeline.retrieval.metrics import retrieval_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -39,20 +44,22 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_eval_config(args.k_test, {"num_workers": 0, "device": "cpu", "dataset": "synthetic"})
     device = torch.device("cpu")
+    tokenizer = build_tokenizer(cfg.vocab)
     for spec in args.runs:
         checkpoint, data = spec.rsplit(":", 1)
         loaded, model_cfg = read_eval_checkpoint(checkpoint, cfg)
+        model = build_eval_model(loaded, model_cfg, cfg, device).eval()
+        split = encode_split(model, data, cfg, device, tokenizer)  # the head is not used here: encode once
         line = []
         for head in ("trained", "re-initialised"):
-            model = build_eval_model(loaded, model_cfg, cfg, device)
             if head == "re-initialised":
                 torch.manual_seed(args.seed)
                 model.itm_head.reset_parameters()
-            result = evaluate_model(model, data, cfg, device)
-            itc = result["metrics"]["itc"]
-            for score, gain in result["rerank_vs_itc"].items():
+            scores = score_split(model, split, cfg, 0, 1)
+            for score, gain in rerank_versus_itc(scores, split).items():
                 g = gain["r1_mean"]
                 line.append(f"{head} {score} {g['diff']:+.2f} +- {g['se']:.2f}")
+        itc = retrieval_metrics(*scores["itc"], split.img2txt, split.txt2img)
         r1 = (itc["txt_r1"] + itc["img_r1"]) / 2
         print(f"{checkpoint}: ITC R@1 {r1:.2f}; minus ITC: " + ", ".join(line), flush=True)
 

@@ -27,7 +27,13 @@ from model.retrieval import ALBEFRetrieval, build_retrieval, load_retrieval_stat
 from pipeline.config import ConfigError, check, from_dict, load_config
 from pipeline.data import build_eval_loader, caption_index
 from pipeline.data.text import build_tokenizer, tokenize
-from pipeline.retrieval.metrics import chance_metrics, paired_r1_difference, recall_curves, retrieval_metrics
+from pipeline.retrieval.metrics import (
+    chance_metrics,
+    paired_r1_difference,
+    query_ranks,
+    recall_curves,
+    retrieval_metrics,
+)
 from pipeline.retrieval.rerank import EncodedSplit, all_gather_rows, row_range, score_matrices, score_matrices_grouped
 from pipeline.runtime.distributed import all_gather_objects
 from pipeline.runtime.io import LoadedCheckpoint, read_checkpoint
@@ -329,8 +335,9 @@ def metrics_from_scores(
 
 def rerank_versus_itc(scores: Mapping[str, tuple[torch.Tensor, torch.Tensor]], split: EvalSplit) -> dict:
     """{re-ranking score: paired R@1 difference to ITC alone}: does re-ranking the top k help on this split?"""
+    itc = query_ranks(scores["itc"], split.img2txt, split.txt2img)  # the baseline's ranks, once
     return {
-        name: paired_r1_difference(pair, scores["itc"], split.img2txt, split.txt2img)
+        name: paired_r1_difference(query_ranks(pair, split.img2txt, split.txt2img), itc)
         for name, pair in scores.items()
         if name != "itc"
     }

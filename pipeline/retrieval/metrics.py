@@ -117,13 +117,21 @@ def retrieval_metrics(
     return out
 
 
+def query_ranks(
+    scores: tuple[torch.Tensor, torch.Tensor], img2txt: Sequence[Sequence[int]], txt2img: Sequence[int] | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank of each image query's best caption [N_img], rank of each caption query's image [N_txt])."""
+    n_img, n_txt = scores[0].shape
+    return (
+        ranks_from_scores(scores[0], positive_mask_from_img2txt(img2txt, n_txt)),
+        ranks_from_scores(scores[1], positive_mask_from_txt2img(txt2img, n_img)),
+    )
+
+
 def paired_r1_difference(
-    scores: tuple[torch.Tensor, torch.Tensor],
-    baseline: tuple[torch.Tensor, torch.Tensor],
-    img2txt: Sequence[Sequence[int]],
-    txt2img: Sequence[int] | torch.Tensor,
+    ranks: tuple[torch.Tensor, torch.Tensor], baseline: tuple[torch.Tensor, torch.Tensor]
 ) -> dict[str, dict[str, float]]:
-    """R@1 of `scores` minus R@1 of `baseline` on the same queries, with its standard error (percent).
+    """R@1 of one ranking minus R@1 of `baseline` on the same queries, with its standard error (percent).
 
     Why paired: whether re-ranking helps is a difference between two rankings of the same queries, and
     most queries keep their top-1. The per-query change d in {-1, 0, +1} carries that, so its standard
@@ -131,20 +139,15 @@ def paired_r1_difference(
     a few hundred images, where a single run's sign is often noise.
 
     Args:
-        scores, baseline: (scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img]) each.
+        ranks, baseline: `query_ranks` of the two rankings (text-retrieval ranks, image-retrieval ranks).
     Returns:
         {"txt_r1" | "img_r1": {"diff", "se", "gained", "lost"}, "r1_mean": {"diff", "se"}}: gained / lost
         count the queries whose top-1 became / stopped being right; r1_mean averages the two sides (its
         standard error treats them as independent samples).
     """
-    n_img, n_txt = scores[0].shape
-    pos_i2t = positive_mask_from_img2txt(img2txt, n_txt)
-    pos_t2i = positive_mask_from_txt2img(txt2img, n_img)
     out: dict[str, dict[str, float]] = {}
-    for side, index, positives in (("txt_r1", 0, pos_i2t), ("img_r1", 1, pos_t2i)):
-        hit = (ranks_from_scores(scores[index], positives) < 1).float()
-        hit_base = (ranks_from_scores(baseline[index], positives) < 1).float()
-        d = hit - hit_base
+    for side, new, base in (("txt_r1", ranks[0], baseline[0]), ("img_r1", ranks[1], baseline[1])):
+        d = (new < 1).float() - (base < 1).float()
         se = d.std().item() / math.sqrt(d.numel()) if d.numel() > 1 else float("nan")  # std with n - 1
         out[side] = {
             "diff": 100.0 * d.mean().item(),

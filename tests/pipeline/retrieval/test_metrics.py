@@ -11,6 +11,7 @@ import torch
 from pipeline.retrieval.metrics import (
     chance_metrics,
     paired_r1_difference,
+    query_ranks,
     ranks_from_scores,
     recall_at_k,
     retrieval_metrics,
@@ -157,12 +158,13 @@ def test_paired_r1_difference_counts_changed_top1_and_its_error() -> None:
     new_i2t, new_t2i = torch.eye(4), torch.eye(4)
     new_i2t[0, 3] = 2.0  # image 0 now prefers caption 3
     new_t2i[1, 2] = 2.0  # caption 1 now prefers image 2
-    out = paired_r1_difference((new_i2t, new_t2i), (base, base.clone()), img2txt, txt2img)
+    base_ranks = query_ranks((base, base.clone()), img2txt, txt2img)
+    out = paired_r1_difference(query_ranks((new_i2t, new_t2i), img2txt, txt2img), base_ranks)
     d = torch.tensor([-1.0, 0.0, 0.0, 0.0])
     se = 100.0 * d.std().item() / 2.0  # std(d) / sqrt(4)
     for side in ("txt_r1", "img_r1"):
         assert out[side] == {"diff": -25.0, "se": pytest.approx(se), "gained": 0, "lost": 1}, side
     assert out["r1_mean"]["diff"] == -25.0 and out["r1_mean"]["se"] == pytest.approx(math.hypot(se, se) / 2)
     # the same ranking twice: no change, no error
-    same = paired_r1_difference((base, base), (base, base), img2txt, txt2img)
+    same = paired_r1_difference(base_ranks, base_ranks)
     assert same["r1_mean"] == {"diff": 0.0, "se": 0.0}
