@@ -67,7 +67,14 @@ def encode(
         h, f = model.encode_text(ids[s : s + 256].to(device), mask[s : s + 256].to(device))
         hidden.append(h)
         tfeats.append(f)
-    return EncodedSplit(torch.cat(embeds), torch.cat(feats), torch.cat(hidden), mask.to(device), torch.cat(tfeats))
+    return EncodedSplit(
+        torch.cat(embeds),
+        torch.cat(feats),
+        torch.cat(hidden),
+        mask.to(device),
+        torch.cat(tfeats),
+        float(model.clamped_temp()),
+    )
 
 
 def timed(fn, device: torch.device):

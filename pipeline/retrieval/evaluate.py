@@ -42,7 +42,6 @@ from pipeline.runtime.preemption import check_stop, stop_requested_here
 logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
-SCORES = ("itc", "itm", "itm_itc")
 CURVE_KS = (1, 2, 5, 10, 20, 50, 100)  # recall@K plot; K beyond k_test is dropped (ITM leaves those unscored)
 
 
@@ -68,7 +67,8 @@ class EvalConfig:
     precision: Precision = "auto"  # auto = fp16 on a GPU, fp32 on the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     vocab: str | None = None  # bert-base-uncased vocab.txt; None = the bundled one
-    score_for_best: Literal["itc", "itm", "itm_itc"] = "itm"  # whose r_mean fine-tuning keeps as `best`
+    # whose r_mean fine-tuning keeps as `best` (pipeline/retrieval/rerank.py describes each score)
+    score_for_best: Literal["itc", "itm", "itm_itc", "itm_itc_logit"] = "itm"
     dataset: str | None = None  # name in the output file; None = the manifest's `source`
     save_scores: bool = False  # also write the score matrices (DIR/eval/<stem>_scores.pt) for analysis
     exact: bool = False  # True: the official loop's arithmetic (captions padded to one length, full last
@@ -259,6 +259,7 @@ def encode_split(
         all_gather_rows(torch.cat(hidden), text_counts),
         mask.to(device),
         all_gather_rows(torch.cat(text_feat), text_counts),
+        float(model.clamped_temp()),
     )
     logger.info(
         "encoded %d images, %d captions (%d bad samples skipped; this rank: %d images, %d captions)",

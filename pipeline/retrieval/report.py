@@ -22,6 +22,7 @@ SCORE_LABELS = {
     "itc": "ITC (unimodal cosine)",
     "itm": "ITM (official)",
     "itm_itc": "ITM + ITC (LAVIS)",
+    "itm_itc_logit": "ITM + ITC logits",
     "chance": "chance",
 }
 
@@ -35,12 +36,13 @@ def report_stem(dataset: str, split: str | None, task: str = "retrieval") -> str
 
 def format_table(metrics: Mapping[str, Mapping[str, float]], title: str = "") -> str:
     """Fixed-width table: one row per score, one column per metric (percent)."""
-    head = f"{'score':<22}" + "".join(f"{k:>11}" for k in METRIC_KEYS)
+    labels = {name: SCORE_LABELS.get(name, name) for name in metrics}
+    width = max([22, *(len(label) + 2 for label in labels.values())])
+    head = f"{'score':<{width}}" + "".join(f"{k:>11}" for k in METRIC_KEYS)
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
     for name, values in metrics.items():
-        label = SCORE_LABELS.get(name, name)
-        lines.append(f"{label:<22}" + "".join(f"{values.get(k, float('nan')):>11.2f}" for k in METRIC_KEYS))
+        lines.append(f"{labels[name]:<{width}}" + "".join(f"{values.get(k, float('nan')):>11.2f}" for k in METRIC_KEYS))
     return "\n".join(lines)
 
 

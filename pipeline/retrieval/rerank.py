@@ -6,10 +6,17 @@ block of queries is flattened and scored `pairs_per_batch` at a time, so one fus
 many queries. The scores are those of the one-query loop (`rerank_naive`, kept as the reference
 the tests and `bench/eval.py` compare against).
 
-Three score matrices come out (higher = better; pairs not in a query's top k hold -inf):
+Four score matrices come out (higher = better; pairs not in a query's top k hold -inf):
 - "itc": the cosine similarity of the unimodal features, complete (no re-ranking).
 - "itm": ITM logit of the "match" class on the top k (the official ALBEF score).
-- "itm_itc": ITM logit + cosine similarity on the top k (LAVIS' ALBEF score, usually better).
+- "itm_itc": ITM logit + cosine similarity on the top k (LAVIS' ALBEF score).
+- "itm_itc_logit": ITM log-odds (match minus no-match logit) + ITC logit (cosine / temperature) on the
+  top k: each model's evidence on the scale it was trained with. In "itm_itc" the cosine hardly counts:
+  within a query's top k cosines differ by hundredths (std 0.005-0.05 in the tiny runs of issue 11) and
+  ITM logits by tenths, so ITM alone reorders ITC's shortlist and whatever it knows less well than ITC is
+  lost. Divided by the temperature (~0.05), ITC's differences weigh as much as ITM's, and ITM refines ITC
+  instead of replacing it. Tiny recipe, 5 seeds: R@1 above ITC alone on all, where "itm_itc" was within
+  noise of it (pipeline/configs/pretrain_tiny_cpu.yaml).
 
 Two ways to run the ITM forwards:
 - `score_matrices` (`exact`): pairs flattened per side and scored by an `itm_fn` on whole padded
@@ -45,7 +52,7 @@ logger = logging.getLogger(__name__)
 # itm_fn(image_embeds [P, Nv, Dv], text_hidden [P, L, D], text_mask [P, L]) -> logits [P, 2]
 ItmFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Side = Literal["i2t", "t2i"]
-SCORE_NAMES = ("itc", "itm", "itm_itc")
+SCORE_NAMES = ("itc", "itm", "itm_itc", "itm_itc_logit")
 LENGTH_BUCKET = 8  # tokens: captions are padded up to a multiple of this, not to the longest of the split
 
 
@@ -76,6 +83,7 @@ class EncodedSplit:
     text_hidden: torch.Tensor  # [N_txt, L, D] text-layer output (fusion input)
     text_mask: torch.Tensor  # [N_txt, L] 1 = token
     text_feat: torch.Tensor  # [N_txt, E] L2-normalised ITC features
+    temp: float  # the model's ITC temperature: similarity / temp is the ITC logit ("itm_itc_logit")
 
     def similarity(self) -> torch.Tensor:
         """Cosine similarity image x caption [N_img, N_txt], fp32 (no temperature: ranking only)."""
@@ -89,6 +97,7 @@ class RerankedBlock:
     topk_idx: torch.Tensor  # [R, k] candidate indices
     topk_sim: torch.Tensor  # [R, k] fp32 cosine similarities
     itm: torch.Tensor  # [R, k] fp32 ITM match logits
+    itm_logodds: torch.Tensor  # [R, k] fp32 ITM match minus no-match logit
 
 
 def row_range(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -142,29 +151,33 @@ def rerank_block(
     pair_len = lengths[q_idx if side == "t2i" else c_idx]
     bucket = (pair_len + LENGTH_BUCKET - 1) // LENGTH_BUCKET * LENGTH_BUCKET
     bucket = bucket.clamp(max=width) if trim_padding else torch.full_like(bucket, width)
-    scores = torch.empty(q_idx.numel(), dtype=torch.float32, device=topk_idx.device)
+    logits = torch.empty(q_idx.numel(), 2, dtype=torch.float32, device=topk_idx.device)
     for n in bucket.unique().tolist():
         members = (bucket == n).nonzero().squeeze(1)
         for start in range(0, members.numel(), pairs_per_batch):
             sel = members[start : start + pairs_per_batch]
             image, text, mask = _pair_tensors(enc, side, q_idx[sel], c_idx[sel])
-            scores[sel] = itm_fn(image, text[:, :n], mask[:, :n])[:, 1].float()
-    return RerankedBlock(topk_idx, topk_sim.float(), scores.view(-1, k))
+            logits[sel] = itm_fn(image, text[:, :n], mask[:, :n]).float()
+    return _block(topk_idx, topk_sim, logits.view(-1, k, 2))
 
 
 @torch.no_grad()
 def rerank_naive(enc: EncodedSplit, sims: torch.Tensor, k: int, side: Side, itm_fn: ItmFn) -> RerankedBlock:
     """The official loop: one fusion forward per query on its k candidates (reference, slow)."""
     k = min(k, sims.shape[1])
-    idx, sim, itm = [], [], []
+    idx, sim, logits = [], [], []
     for q in range(sims.shape[0]):
         topk_sim, topk_idx = sims[q].topk(k)
         query = torch.full_like(topk_idx, q)
-        logits = itm_fn(*_pair_tensors(enc, side, query, topk_idx))
+        logits.append(itm_fn(*_pair_tensors(enc, side, query, topk_idx)).float())
         idx.append(topk_idx)
-        sim.append(topk_sim.float())
-        itm.append(logits[:, 1].float())
-    return RerankedBlock(torch.stack(idx), torch.stack(sim), torch.stack(itm))
+        sim.append(topk_sim)
+    return _block(torch.stack(idx), torch.stack(sim), torch.stack(logits))
+
+
+def _block(topk_idx: torch.Tensor, topk_sim: torch.Tensor, logits: torch.Tensor) -> RerankedBlock:
+    """RerankedBlock from the ITM logits [R, k, 2] of each query's top k."""
+    return RerankedBlock(topk_idx, topk_sim.float(), logits[..., 1], logits[..., 1] - logits[..., 0])
 
 
 def all_gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -186,13 +199,20 @@ def all_gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
 def gather_block(block: RerankedBlock, num_rows: int, world_size: int) -> RerankedBlock:
     """All ranks' blocks -> the block of all `num_rows` rows (identity in one process)."""
     counts = [e - s for s, e in (row_range(num_rows, r, world_size) for r in range(world_size))]
-    return RerankedBlock(*(all_gather_rows(t, counts) for t in (block.topk_idx, block.topk_sim, block.itm)))
+    parts = (block.topk_idx, block.topk_sim, block.itm, block.itm_logodds)
+    return RerankedBlock(*(all_gather_rows(t, counts) for t in parts))
 
 
-def block_to_matrices(block: RerankedBlock, num_candidates: int) -> dict[str, torch.Tensor]:
-    """Scatter a full block into dense [Q, C] "itm" and "itm_itc" matrices, -inf off the top k."""
+def block_to_matrices(block: RerankedBlock, num_candidates: int, temp: float) -> dict[str, torch.Tensor]:
+    """Scatter a full block into dense [Q, C] matrices of the re-ranking scores, -inf off the top k."""
+    if not temp > 0:
+        raise ValueError(f"ITC temperature {temp} must be > 0")
     out = {}
-    for name, values in (("itm", block.itm), ("itm_itc", block.itm + block.topk_sim)):
+    for name, values in (
+        ("itm", block.itm),
+        ("itm_itc", block.itm + block.topk_sim),
+        ("itm_itc_logit", block.itm_logodds + block.topk_sim / temp),
+    ):
         m = torch.full((block.topk_idx.shape[0], num_candidates), float("-inf"), device=values.device)
         out[name] = m.scatter_(1, block.topk_idx, values)
     return out
@@ -208,19 +228,20 @@ def score_matrices(
     pairs_per_batch: int = 1024,
     trim_padding: bool = True,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{"itc" | "itm" | "itm_itc": (scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img])}, fp32 on CPU.
+    """{score (SCORE_NAMES): (scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img])}, fp32 on CPU.
 
     With world_size > 1 every rank must call this (collectives); all ranks return the same result.
     """
     sims = enc.similarity()  # [N_img, N_txt]
-    out: dict[str, list[torch.Tensor]] = {"itc": [sims.cpu(), sims.T.contiguous().cpu()], "itm": [], "itm_itc": []}
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in SCORE_NAMES}
+    out["itc"] = [sims.cpu(), sims.T.contiguous().cpu()]
     sides: tuple[tuple[Literal["i2t", "t2i"], torch.Tensor], ...] = (("i2t", sims), ("t2i", sims.T))
     for side, side_sims in sides:
         start, end = row_range(side_sims.shape[0], rank, world_size)
         rows = torch.arange(start, end, device=side_sims.device)
         block = rerank_block(enc, side_sims, rows, k, side, itm_fn, pairs_per_batch, trim_padding)
         full = gather_block(block, side_sims.shape[0], world_size)
-        for name, matrix in block_to_matrices(full, side_sims.shape[1]).items():
+        for name, matrix in block_to_matrices(full, side_sims.shape[1], enc.temp).items():
             out[name].append(matrix.cpu())
         logger.info(
             "re-ranked %s: %d queries x top %d (rows %d-%d on rank %d)",
@@ -305,7 +326,7 @@ def score_pairs_grouped(
     pairs_per_batch: int = 1024,
     text_batch_size: int = 256,
 ) -> torch.Tensor:
-    """ITM match logits (fp32) of the pairs of images [first, end): [image_start[end] - image_start[first]].
+    """ITM logits (fp32) of the pairs of images [first, end): [image_start[end] - image_start[first], 2].
 
     Per image: keys/values of every fusion layer once, then its captions in chunks of
     `pairs_per_batch` (chunk boundaries depend on the image's pairs only, not on the world size).
@@ -314,7 +335,7 @@ def score_pairs_grouped(
         raise ValueError(f"pairs_per_batch={pairs_per_batch} must be >= 1")
     first, end = images
     lo, hi = int(pairs.image_start[first]), int(pairs.image_start[end])
-    out = torch.empty(hi - lo, dtype=torch.float32, device=pairs.image.device)
+    out = torch.empty(hi - lo, 2, dtype=torch.float32, device=pairs.image.device)
     if hi == lo:
         return out
     prefix, query, text_first, lengths = packed_text_prefix(model, enc, text_batch_size)
@@ -334,7 +355,7 @@ def score_pairs_grouped(
             within = torch.arange(int(n.sum()), device=n.device) - offsets.repeat_interleave(n)
             rows = text_first[texts].repeat_interleave(n) + within
             logits = model.itm_logits_one_image(prefix[rows], tokens, kv, query[rows])
-            out[s - lo : e - lo] = logits[:, 1].float()
+            out[s - lo : e - lo] = logits.float()
     return out
 
 
@@ -360,11 +381,12 @@ def score_matrices_grouped(
     ]
     scores = all_gather_rows(local, counts)[pairs.inverse]  # every side's pair, in side order
     n_i2t = pairs.i2t[1].numel()
-    out: dict[str, list[torch.Tensor]] = {"itc": [sims.cpu(), sims.T.contiguous().cpu()], "itm": [], "itm_itc": []}
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in SCORE_NAMES}
+    out["itc"] = [sims.cpu(), sims.T.contiguous().cpu()]
     sides = ((pairs.i2t, scores[:n_i2t], sims.shape[1]), (pairs.t2i, scores[n_i2t:], sims.shape[0]))
-    for (sim, idx), itm, num_candidates in sides:
-        block = RerankedBlock(idx, sim, itm.view(idx.shape))
-        for name, matrix in block_to_matrices(block, num_candidates).items():
+    for (sim, idx), logits, num_candidates in sides:
+        block = _block(idx, sim, logits.view(*idx.shape, 2))
+        for name, matrix in block_to_matrices(block, num_candidates, enc.temp).items():
             out[name].append(matrix.cpu())
     logger.info(
         "re-ranked %d unique pairs (i2t top %d, t2i top %d) grouped by image; images %d-%d on rank %d",

@@ -27,7 +27,6 @@ import torch.distributed as dist
 from pipeline.config import ConfigError, check, resolve_path, to_dict
 from pipeline.data import read_manifest
 from pipeline.retrieval.evaluate import (
-    SCORES,
     build_eval_model,
     eval_dtype,
     evaluate_model,
@@ -35,6 +34,7 @@ from pipeline.retrieval.evaluate import (
     read_eval_checkpoint,
 )
 from pipeline.retrieval.report import format_rerank, format_table, plot_recall, report_stem, tensorboard_scalars
+from pipeline.retrieval.rerank import SCORE_NAMES
 from pipeline.runtime.distributed import dist_info_from_env, init_distributed
 from pipeline.runtime.ds_config import resolve_device
 from pipeline.runtime.exit_codes import CONFIG_ERROR_EXIT_CODE
@@ -84,7 +84,7 @@ def evaluate_retrieval(
     dataset, split = cfg.dataset or str(manifest.get("source", Path(data).name)), manifest.get("split")
     stem = report_stem(dataset, split)
     report = {
-        "metrics": {s: result["metrics"][s] for s in SCORES},
+        "metrics": {s: result["metrics"][s] for s in SCORE_NAMES},
         "chance": result["metrics"]["chance"],
         "rerank_vs_itc": result["rerank_vs_itc"],
         "recall_curves": {

@@ -24,11 +24,13 @@ N_TRAIN, N_TEST = 2000, 200  # as bench/tiny_learning.py; chance R@1 = 0.5% on b
 STEPS = 600  # the config's own max_steps, stated so the test does not drift with it
 MIN_CHANCE_MULTIPLE = 3.0  # ITC R@1, each of text and image retrieval (3 seeds on 400 images: 7-23x)
 MAX_ITM_LOSS = 0.58  # last logged ITM loss; 0.637 = predicting the 1:2 label prior (3 seeds: 0.48-0.52)
-# ITM re-ranking is not worse than ITC: ITM+ITC's R@1 minus ITC's, paired over the same queries, must not
-# fall below -NOT_WORSE_Z standard errors (one-sided, 2.3%). 3 seeds on 400 images: +0.04 +- 0.69,
-# +0.12 +- 0.75, -0.75 +- 0.80; this test's split, seed 0: -0.17 +- 1.22. It catches a broken re-ranking
-# path (scores on the wrong pairs sink R@1 to the shortlist's chance), not a weak head: on a split this
-# small a re-initialised ITM head also lands within ~2 errors (bench/itm_head_ablation.py measures that).
+# ITM re-ranking is not worse than ITC: a re-ranking's R@1 minus ITC's, paired over the same queries, must not
+# fall below -NOT_WORSE_Z standard errors (one-sided, 2.3%), for LAVIS' ITM + cosine and for ITM log-odds + ITC
+# logit (pipeline/retrieval/rerank.py). Seeds 0-4 on 400 images: +0.04 +- 0.69, +0.12 +- 0.75, -0.75 +- 0.80,
+# +1.21 +- 0.73, +0.92 +- 0.58 and +0.50 +- 0.44, +0.54 +- 0.50, +0.54 +- 0.61, +1.17 +- 0.47, +0.75 +- 0.46;
+# this test's split, seed 0: -0.17 +- 1.22 and +0.33 +- 0.79. It catches a broken
+# re-ranking path (scores on the wrong pairs sink R@1 to the shortlist's chance), not a weak head: on a split
+# this small a re-initialised ITM head also lands within ~2 errors (bench/itm_head_ablation.py measures that).
 NOT_WORSE_Z = 2.0
 
 
@@ -66,6 +68,7 @@ def test_tiny_recipe_learns_zero_shot(tmp_path: Path) -> None:
                                         for s, m in report["metrics"].items()}, "chance", chance["img_r1"])  # fmt: skip
     for side in ("txt_r1", "img_r1"):
         assert itc[side] >= MIN_CHANCE_MULTIPLE * chance[side], (side, itc, chance)
-    gain = report["rerank_vs_itc"]["itm_itc"]["r1_mean"]
-    print("ITM+ITC minus ITC, R@1 mean:", gain)
-    assert gain["diff"] >= -NOT_WORSE_Z * gain["se"], gain
+    for score in ("itm_itc", "itm_itc_logit"):
+        gain = report["rerank_vs_itc"][score]["r1_mean"]
+        print(f"{score} minus ITC, R@1 mean:", gain)
+        assert gain["diff"] >= -NOT_WORSE_Z * gain["se"], (score, gain)

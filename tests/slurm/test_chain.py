@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.retrieval.rerank import SCORE_NAMES
 from pipeline.slurm.submit import format_status, wait
 
 from slurm_testutils import job_fields, wait_for_file_text
@@ -146,5 +147,5 @@ def test_demo_chain_with_preempted_pretrain_completes(slurm_cluster, tmp_path: P
         report = json.loads(results[0].read_text())
         assert report["checkpoint"] == str(run / evaluated)
         metrics = report["metrics"]
-        for score in ("itc", "itm", "itm_itc"):
+        for score in SCORE_NAMES:
             assert 0.0 <= metrics[score]["r_mean"] <= 100.0

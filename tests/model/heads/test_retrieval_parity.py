@@ -154,7 +154,7 @@ def test_evaluation_scores_and_recalls(retrieval_fx: TaskFixture) -> None:
     text_hidden, text_feat = m.encode_text(e["input_ids"], e["attention_mask"])
     assert max_diff(image_feat, e["image_embed"]) <= ATOL
     assert max_diff(text_feat, e["text_embed"]) <= ATOL
-    enc = EncodedSplit(image_embeds, image_feat, text_hidden, e["attention_mask"], text_feat)
+    enc = EncodedSplit(image_embeds, image_feat, text_hidden, e["attention_mask"], text_feat, float(m.clamped_temp()))
     sims = enc.similarity()
     assert max_diff(sims, e["sims_matrix"]) <= ATOL
     k = i["k_test"]

@@ -14,6 +14,7 @@ from test_rerank import tiny_encoded
 
 from pipeline.retrieval.metrics import retrieval_metrics
 from pipeline.retrieval.rerank import (
+    SCORE_NAMES,
     EncodedSplit,
     image_range,
     pair_set,
@@ -44,7 +45,8 @@ def test_grouped_equals_batched_and_official(k: int, pairs_per_batch: int) -> No
     batched = score_matrices(enc, k, lambda i, t, m: model.itm_logits_cls(t, m, i), pairs_per_batch=pairs_per_batch)
     grouped = score_matrices_grouped(enc, k, model, pairs_per_batch=pairs_per_batch)
     img2txt, txt2img = _index_maps(12, 3)
-    for name in ("itc", "itm", "itm_itc"):
+    assert tuple(grouped) == tuple(official) == SCORE_NAMES
+    for name in SCORE_NAMES:
         for ref, fast, other in zip(official[name], grouped[name], batched[name]):
             finite = torch.isfinite(ref)
             assert torch.equal(finite, torch.isfinite(fast)) and torch.equal(finite, torch.isfinite(other))
@@ -63,6 +65,8 @@ def test_naive_loop_rows_match_grouped() -> None:
         naive = rerank_naive(enc, sims, 4, side, lambda img, t, m: model.itm_logits(t, m, img))
         rows = grouped["itm"][i].gather(1, naive.topk_idx)
         assert (rows - naive.itm).abs().max() <= 1e-5
+        logit = grouped["itm_itc_logit"][i].gather(1, naive.topk_idx)
+        assert (logit - (naive.itm_logodds + naive.topk_sim / enc.temp)).abs().max() <= 1e-4
 
 
 def test_pair_set_merges_both_sides() -> None:

@@ -15,6 +15,7 @@ from model import ALBEFConfig, build_albef
 from model.convert import to_official
 from pipeline.config import REPO_ROOT, ConfigError
 from pipeline.retrieval.report import METRIC_KEYS
+from pipeline.retrieval.rerank import SCORE_NAMES
 from pipeline.stages.evaluate_retrieval import evaluate_retrieval, load_eval_config
 
 from pipeline_testutils import make_synthetic_splits
@@ -44,12 +45,12 @@ def test_outputs_json_plot_tensorboard(test_split: Path, tiny_ckpt, tmp_path: Pa
     assert written["k_test"] == 8 and written["num_images"] == 20 and written["num_texts"] == 60
     assert written["checkpoint"] == str(tiny_ckpt[0]) and written["config"]["k_test"] == 8
     assert written["time_s"] > 0
-    for score in ("itc", "itm", "itm_itc"):
+    for score in SCORE_NAMES:
         assert set(written["metrics"][score]) == set(METRIC_KEYS)
         assert all(0.0 <= v <= 100.0 for v in written["metrics"][score].values())
         assert written["metrics"][score] == pytest.approx(report["metrics"][score])
     assert written["chance"]["img_r1"] == pytest.approx(5.0)  # 1 of 20 images
-    for score in ("itm", "itm_itc"):  # re-ranking vs ITC on the same queries: the R@1 difference, paired
+    for score in SCORE_NAMES[1:]:  # re-ranking vs ITC on the same queries: the R@1 difference, paired
         versus = written["rerank_vs_itc"][score]
         for side, n in (("txt_r1", 20), ("img_r1", 60)):
             diff = written["metrics"][score][side] - written["metrics"]["itc"][side]
@@ -61,7 +62,7 @@ def test_outputs_json_plot_tensorboard(test_split: Path, tiny_ckpt, tmp_path: Pa
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert "eval/retrieval_synthetic_test/itm/r_mean" in tags and len(tags) == 3 * len(METRIC_KEYS)
+    assert "eval/retrieval_synthetic_test/itm/r_mean" in tags and len(tags) == len(SCORE_NAMES) * len(METRIC_KEYS)
 
 
 def test_official_layout_and_resolution_override(test_split: Path, tiny_ckpt, tmp_path: Path) -> None:
@@ -170,7 +171,7 @@ def test_two_processes_equal_one(test_split: Path, tiny_ckpt, tmp_path: Path) ->
     assert two["metrics"] == single["metrics"]
     a = torch.load(tmp_path / "one" / "eval" / "retrieval_synthetic_test_scores.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "eval" / "retrieval_synthetic_test_scores.pt", weights_only=True)
-    assert sorted(a) == sorted(b) == sorted(f"{s}_{d}" for s in ("itc", "itm", "itm_itc") for d in ("i2t", "t2i"))
+    assert sorted(a) == sorted(b) == sorted(f"{s}_{d}" for s in SCORE_NAMES for d in ("i2t", "t2i"))
     fast = torch.load(tmp_path / "fast" / "eval" / "retrieval_synthetic_test_scores.pt", weights_only=True)
     for key in a:
         assert torch.equal(a[key], b[key]), key
