@@ -16,7 +16,9 @@ Four score matrices come out (higher = better; pairs not in a query's top k hold
   ITM logits by tenths, so ITM alone reorders ITC's shortlist and whatever it knows less well than ITC is
   lost. Divided by the temperature (~0.05), ITC's differences weigh as much as ITM's, and ITM refines ITC
   instead of replacing it. Tiny recipe, 5 seeds: R@1 above ITC alone on all, where "itm_itc" was within
-  noise of it (pipeline/configs/pretrain_tiny_cpu.yaml).
+  noise of it (pipeline/configs/pretrain_tiny_cpu.yaml). Tiny retrieval fine-tuning, 3 seeds (the setting of
+  tests/pipeline/stages/test_finetune_retrieval.py): +2.6 to +6.5 R@1 points over ITC, where "itm" falls
+  3.7 to 16.7 below it and "itm_itc" lands at -9.6 to +4.2.
 
 Two ways to run the ITM forwards:
 - `score_matrices` (`exact`): pairs flattened per side and scored by an `itm_fn` on whole padded
