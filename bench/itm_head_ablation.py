@@ -28,11 +28,10 @@ from pipeline.retrieval.evaluate import (  # noqa: E402
     build_eval_model,
     encode_split,
     load_eval_config,
+    metrics_from_scores,
     read_eval_checkpoint,
-    rerank_versus_itc,
     score_split,
 )
-from pipeline.retrieval.metrics import retrieval_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -55,12 +54,11 @@ def main() -> None:
             if head == "re-initialised":
                 torch.manual_seed(args.seed)
                 model.itm_head.reset_parameters()
-            scores = score_split(model, split, cfg, 0, 1)
-            for score, gain in rerank_versus_itc(scores, split).items():
+            metrics, _, versus_itc = metrics_from_scores(score_split(model, split, cfg, 0, 1), split)
+            for score, gain in versus_itc.items():
                 g = gain["r1_mean"]
                 line.append(f"{head} {score} {g['diff']:+.2f} +- {g['se']:.2f}")
-        itc = retrieval_metrics(*scores["itc"], split.img2txt, split.txt2img)
-        r1 = (itc["txt_r1"] + itc["img_r1"]) / 2
+        r1 = (metrics["itc"]["txt_r1"] + metrics["itc"]["img_r1"]) / 2  # ITC does not use the head
         print(f"{checkpoint}: ITC R@1 {r1:.2f}; minus ITC: " + ", ".join(line), flush=True)
 
 

@@ -352,7 +352,7 @@ def _plot(layout: Layout, zero: dict, tuned: dict, curve: dict, path: Path) -> N
         lines.append(f"{label:<11}" + "".join(f"{_r1(rep['metrics'][s]):>7.1f}" for s in columns))
     lines += ["", "re-ranking minus ITC (+- 1 s.e.)"]
     for label, rep in (("zero-shot", zero), ("fine-tuned", tuned)):
-        gains = [rep["rerank_vs_itc"][s]["r1_mean"] for s in ("itm", "itm_itc", "itm_itc_logit")]
+        gains = [rep["rerank_vs_itc"][s]["r1_mean"] for s in columns if s != "itc"]
         lines.append(f"{label:<11}{'':>7}" + "".join(f"{g['diff']:>+7.1f}" for g in gains))
         lines.append(f"{'':<18}" + "".join(f"{'+-' + format(g['se'], '.1f'):>7}" for g in gains))
     lines += ["", "+cos: ITM + ITC (LAVIS); +logit: ITM + ITC logits"]

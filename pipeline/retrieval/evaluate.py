@@ -29,10 +29,10 @@ from pipeline.data import build_eval_loader, caption_index
 from pipeline.data.text import build_tokenizer, tokenize
 from pipeline.retrieval.metrics import (
     chance_metrics,
+    metrics_from_ranks,
     paired_r1_difference,
     query_ranks,
     recall_curves,
-    retrieval_metrics,
 )
 from pipeline.retrieval.rerank import EncodedSplit, all_gather_rows, row_range, score_matrices, score_matrices_grouped
 from pipeline.runtime.distributed import all_gather_objects
@@ -316,14 +316,15 @@ def score_split(
 
 def metrics_from_scores(
     scores: Mapping[str, tuple[torch.Tensor, torch.Tensor]], split: EvalSplit, curve_ks: tuple[int, ...] = CURVE_KS
-) -> tuple[dict, dict]:
-    """(metrics per score incl. chance, recall curves per score incl. chance)."""
+) -> tuple[dict, dict, dict]:
+    """(metrics per score incl. chance, recall curves per score incl. chance, each re-ranking's paired R@1
+    difference to ITC alone): does re-ranking the top k help on this split? Each matrix is ranked once."""
 
     n_img, n_txt = len(split.img2txt), len(split.txt2img)
-    metrics = {name: retrieval_metrics(i2t, t2i, split.img2txt, split.txt2img) for name, (i2t, t2i) in scores.items()}
-    curves = {
-        name: recall_curves(i2t, t2i, split.img2txt, split.txt2img, curve_ks) for name, (i2t, t2i) in scores.items()
-    }
+    ranks = {name: query_ranks(pair, split.img2txt, split.txt2img) for name, pair in scores.items()}
+    metrics = {name: metrics_from_ranks(r) for name, r in ranks.items()}
+    curves = {name: recall_curves(r, curve_ks) for name, r in ranks.items()}
+    versus_itc = {name: paired_r1_difference(r, ranks["itc"]) for name, r in ranks.items() if name != "itc"}
     chance = chance_metrics(split.img2txt, n_txt, curve_ks)
     curves["chance"] = {
         "txt": {k: chance[f"txt_r{k}"] for k in curve_ks},
@@ -331,17 +332,7 @@ def metrics_from_scores(
     }
     metrics["chance"] = chance_metrics(split.img2txt, n_txt)
     logger.debug("scored %d images x %d captions", n_img, n_txt)
-    return metrics, curves
-
-
-def rerank_versus_itc(scores: Mapping[str, tuple[torch.Tensor, torch.Tensor]], split: EvalSplit) -> dict:
-    """{re-ranking score: paired R@1 difference to ITC alone}: does re-ranking the top k help on this split?"""
-    itc = query_ranks(scores["itc"], split.img2txt, split.txt2img)  # the baseline's ranks, once
-    return {
-        name: paired_r1_difference(query_ranks(pair, split.img2txt, split.txt2img), itc)
-        for name, pair in scores.items()
-        if name != "itc"
-    }
+    return metrics, curves, versus_itc
 
 
 def evaluate_model(
@@ -357,7 +348,7 @@ def evaluate_model(
     """Encode, re-rank and score `data` with an in-memory model; every rank gets the same result.
 
     Returns {"metrics": {score: {...}}, "curves": ..., "rerank_vs_itc": {score: {...}} (see
-    `rerank_versus_itc`), "scores", "num_images", "num_texts", "bad_samples", "timings"}.
+    `metrics_from_scores`), "scores", "num_images", "num_texts", "bad_samples", "timings"}.
     The model is put in eval mode and restored to its previous mode afterwards.
     """
 
@@ -372,11 +363,12 @@ def evaluate_model(
         t2 = time.perf_counter()
     finally:
         model.train(was_training)
-    metrics, curves = metrics_from_scores(scores, split, tuple(k for k in CURVE_KS if k <= max(cfg.k_test, 10)))
+    curve_ks = tuple(k for k in CURVE_KS if k <= max(cfg.k_test, 10))
+    metrics, curves, versus_itc = metrics_from_scores(scores, split, curve_ks)
     return {
         "metrics": metrics,
         "curves": curves,
-        "rerank_vs_itc": rerank_versus_itc(scores, split),
+        "rerank_vs_itc": versus_itc,
         "scores": scores,
         "num_images": len(split.img2txt),
         "num_texts": len(split.txt2img),

@@ -84,19 +84,19 @@ def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[int
     return {k: 100.0 * (ranks < k).float().mean().item() for k in ks}
 
 
-def retrieval_metrics(
-    scores_i2t: torch.Tensor,
-    scores_t2i: torch.Tensor,
-    img2txt: Sequence[Sequence[int]],
-    txt2img: Sequence[int] | torch.Tensor,
-    ks: Sequence[int] = DEFAULT_KS,
-) -> dict[str, float]:
-    """txt_r{K}, img_r{K}, txt_r_mean, img_r_mean, r_mean in percent (the official key names).
+def query_ranks(
+    scores: tuple[torch.Tensor, torch.Tensor], img2txt: Sequence[Sequence[int]], txt2img: Sequence[int] | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank of each image query's best caption [N_img], rank of each caption query's image [N_txt]).
+
+    Every metric of a ranking (recall@K, recall curves, paired differences) derives from these, so an
+    evaluation ranks each score matrix once.
 
     Args:
-        scores_i2t: [N_img, N_txt] image-query scores. scores_t2i: [N_txt, N_img] caption-query scores.
+        scores: (scores_i2t [N_img, N_txt] image-query scores, scores_t2i [N_txt, N_img] caption-query scores).
         img2txt: caption indices of each image. txt2img: image index of each caption.
     """
+    scores_i2t, scores_t2i = scores
     n_img, n_txt = scores_i2t.shape
     if scores_t2i.shape != (n_txt, n_img):
         raise ValueError(f"scores_t2i has shape {tuple(scores_t2i.shape)}, expected {(n_txt, n_img)}")
@@ -106,8 +106,13 @@ def retrieval_metrics(
     pos_i2t = positive_mask_from_img2txt(img2txt, n_txt)
     if not torch.equal(pos_i2t, pos_t2i.T):
         raise ValueError("img2txt and txt2img disagree about which caption belongs to which image")
-    txt = recall_at_k(ranks_from_scores(scores_i2t, pos_i2t), ks)
-    img = recall_at_k(ranks_from_scores(scores_t2i, pos_t2i), ks)
+    return ranks_from_scores(scores_i2t, pos_i2t), ranks_from_scores(scores_t2i, pos_t2i)
+
+
+def metrics_from_ranks(ranks: tuple[torch.Tensor, torch.Tensor], ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """txt_r{K}, img_r{K}, txt_r_mean, img_r_mean, r_mean in percent (the official key names) of `query_ranks`."""
+    curves = recall_curves(ranks, ks)
+    txt, img = curves["txt"], curves["img"]
     out: dict[str, float] = {}
     out.update({f"txt_r{k}": v for k, v in txt.items()})
     out.update({f"img_r{k}": v for k, v in img.items()})
@@ -117,15 +122,20 @@ def retrieval_metrics(
     return out
 
 
-def query_ranks(
-    scores: tuple[torch.Tensor, torch.Tensor], img2txt: Sequence[Sequence[int]], txt2img: Sequence[int] | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rank of each image query's best caption [N_img], rank of each caption query's image [N_txt])."""
-    n_img, n_txt = scores[0].shape
-    return (
-        ranks_from_scores(scores[0], positive_mask_from_img2txt(img2txt, n_txt)),
-        ranks_from_scores(scores[1], positive_mask_from_txt2img(txt2img, n_img)),
-    )
+def retrieval_metrics(
+    scores_i2t: torch.Tensor,
+    scores_t2i: torch.Tensor,
+    img2txt: Sequence[Sequence[int]],
+    txt2img: Sequence[int] | torch.Tensor,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, float]:
+    """`metrics_from_ranks` of one pair of score matrices (see `query_ranks` for the arguments)."""
+    return metrics_from_ranks(query_ranks((scores_i2t, scores_t2i), img2txt, txt2img), ks)
+
+
+def recall_curves(ranks: tuple[torch.Tensor, torch.Tensor], ks: Sequence[int]) -> dict[str, dict[int, float]]:
+    """{"txt": {K: recall %}, "img": {K: recall %}} of `query_ranks`, for any list of K (the recall@K plot)."""
+    return {"txt": recall_at_k(ranks[0], ks), "img": recall_at_k(ranks[1], ks)}
 
 
 def paired_r1_difference(
@@ -184,17 +194,3 @@ def chance_metrics(
     out["img_r_mean"] = sum(out[f"img_r{k}"] for k in ks) / len(ks)
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
     return out
-
-
-def recall_curves(
-    scores_i2t: torch.Tensor,
-    scores_t2i: torch.Tensor,
-    img2txt: Sequence[Sequence[int]],
-    txt2img: Sequence[int] | torch.Tensor,
-    ks: Sequence[int],
-) -> dict[str, dict[int, float]]:
-    """{"txt": {K: recall %}, "img": {K: recall %}} for any list of K (the recall@K plot)."""
-    n_img, n_txt = scores_i2t.shape
-    txt = recall_at_k(ranks_from_scores(scores_i2t, positive_mask_from_img2txt(img2txt, n_txt)), ks)
-    img = recall_at_k(ranks_from_scores(scores_t2i, positive_mask_from_txt2img(txt2img, n_img)), ks)
-    return {"txt": txt, "img": img}

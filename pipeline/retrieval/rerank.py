@@ -98,8 +98,17 @@ class RerankedBlock:
 
     topk_idx: torch.Tensor  # [R, k] candidate indices
     topk_sim: torch.Tensor  # [R, k] fp32 cosine similarities
-    itm: torch.Tensor  # [R, k] fp32 ITM match logits
-    itm_logodds: torch.Tensor  # [R, k] fp32 ITM match minus no-match logit
+    logits: torch.Tensor  # [R, k, 2] fp32 ITM logits (column 1 = match)
+
+    @property
+    def itm(self) -> torch.Tensor:
+        """[R, k] ITM match logits."""
+        return self.logits[..., 1]
+
+    @property
+    def itm_logodds(self) -> torch.Tensor:
+        """[R, k] ITM match minus no-match logit."""
+        return self.logits[..., 1] - self.logits[..., 0]
 
 
 def row_range(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -160,7 +169,7 @@ def rerank_block(
             sel = members[start : start + pairs_per_batch]
             image, text, mask = _pair_tensors(enc, side, q_idx[sel], c_idx[sel])
             logits[sel] = itm_fn(image, text[:, :n], mask[:, :n]).float()
-    return _block(topk_idx, topk_sim, logits.view(-1, k, 2))
+    return RerankedBlock(topk_idx, topk_sim.float(), logits.view(-1, k, 2))
 
 
 @torch.no_grad()
@@ -173,13 +182,8 @@ def rerank_naive(enc: EncodedSplit, sims: torch.Tensor, k: int, side: Side, itm_
         query = torch.full_like(topk_idx, q)
         logits.append(itm_fn(*_pair_tensors(enc, side, query, topk_idx)).float())
         idx.append(topk_idx)
-        sim.append(topk_sim)
-    return _block(torch.stack(idx), torch.stack(sim), torch.stack(logits))
-
-
-def _block(topk_idx: torch.Tensor, topk_sim: torch.Tensor, logits: torch.Tensor) -> RerankedBlock:
-    """RerankedBlock from the ITM logits [R, k, 2] of each query's top k."""
-    return RerankedBlock(topk_idx, topk_sim.float(), logits[..., 1], logits[..., 1] - logits[..., 0])
+        sim.append(topk_sim.float())
+    return RerankedBlock(torch.stack(idx), torch.stack(sim), torch.stack(logits))
 
 
 def all_gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -201,8 +205,7 @@ def all_gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
 def gather_block(block: RerankedBlock, num_rows: int, world_size: int) -> RerankedBlock:
     """All ranks' blocks -> the block of all `num_rows` rows (identity in one process)."""
     counts = [e - s for s, e in (row_range(num_rows, r, world_size) for r in range(world_size))]
-    parts = (block.topk_idx, block.topk_sim, block.itm, block.itm_logodds)
-    return RerankedBlock(*(all_gather_rows(t, counts) for t in parts))
+    return RerankedBlock(*(all_gather_rows(t, counts) for t in (block.topk_idx, block.topk_sim, block.logits)))
 
 
 def block_to_matrices(block: RerankedBlock, num_candidates: int, temp: float) -> dict[str, torch.Tensor]:
@@ -387,7 +390,7 @@ def score_matrices_grouped(
     out["itc"] = [sims.cpu(), sims.T.contiguous().cpu()]
     sides = ((pairs.i2t, scores[:n_i2t], sims.shape[1]), (pairs.t2i, scores[n_i2t:], sims.shape[0]))
     for (sim, idx), logits, num_candidates in sides:
-        block = _block(idx, sim, logits.view(*idx.shape, 2))
+        block = RerankedBlock(idx, sim, logits.view(*idx.shape, 2))
         for name, matrix in block_to_matrices(block, num_candidates, enc.temp).items():
             out[name].append(matrix.cpu())
     logger.info(
